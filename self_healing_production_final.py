@@ -756,6 +756,26 @@ def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
+class RunningStats:
+    """Count, mean, min, max and positives of a stream of numbers (None is skipped)."""
+
+    def __init__(self):
+        self.n = self.positive = 0
+        self.total, self.min, self.max = 0.0, math.inf, -math.inf
+
+    def add(self, x: Optional[float]) -> None:
+        if x is None:
+            return
+        self.n += 1
+        self.positive += x > 0
+        self.total += x
+        self.min, self.max = min(self.min, x), max(self.max, x)
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.n if self.n else float("nan")
+
+
 class StreamLog:
     """Collects batch records and events; keeps them in memory only when asked
     (plots need them) and otherwise hands them straight to the exporters."""
@@ -766,20 +786,18 @@ class StreamLog:
         self.events: list[dict] = []
         self.on_record, self.on_event = on_record, on_event
         self.counts = {"heal": 0, "rollback": 0, "heal_failed": 0, "batch_quarantined": 0}
-        self.lifts: list[float] = []  # per heal, small
-        self.preq_sum = self.preq_f1_sum = 0.0
-        self.preq_n = 0
+        # Running aggregates, so that a summary needs no per-batch history.
+        self.lift = RunningStats()
+        self.prequential = RunningStats()
+        self.prequential_f1 = RunningStats()
         self.first_drift_batch: Optional[int] = None
 
     def record(self, r: BatchRecord, drifting: bool) -> None:
         if drifting and self.first_drift_batch is None:
             self.first_drift_batch = r.batch
-        if r.lift is not None:
-            self.lifts.append(r.lift)
-        if r.prequential_lift is not None:
-            self.preq_sum += r.prequential_lift
-            self.preq_f1_sum += r.prequential_f1_lift
-            self.preq_n += 1
+        self.lift.add(r.lift)
+        self.prequential.add(r.prequential_lift)
+        self.prequential_f1.add(r.prequential_f1_lift)
         if self.keep:
             self.records.append(r)
         if self.on_record:
@@ -793,9 +811,6 @@ class StreamLog:
         if self.on_event:
             self.on_event(entry)
 
-    @property
-    def mean_prequential_lift(self) -> float:
-        return self.preq_sum / self.preq_n if self.preq_n else float("nan")
 
 
 def drifted_batches(data: Dataset, cfg: Config, rng: np.random.RandomState) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -1002,7 +1017,7 @@ class RunResult:
         return {
             "seed": self.cfg.seed,
             "recovery_pp": 100 * (d["healed"].metrics.accuracy - d["no_healing"].metrics.accuracy),
-            "prequential_lift_pp": 100 * self.log.mean_prequential_lift,
+            "prequential_lift_pp": 100 * self.log.prequential.mean,
             "holdout_accuracy": h["healed"].metrics.accuracy,
             "holdout_auc": h["healed"].roc_auc,
             "f1_change": d["healed"].metrics.f1 - d["no_healing"].metrics.f1,
@@ -1036,7 +1051,8 @@ def run_experiment(cfg: Config, trained: Trained = None, batches: Iterable = Non
     training), `batches` (to inject faults) and their own `console`."""
     trained = trained or prepare(cfg)
     data = trained.data
-    model = copy.deepcopy(trained.model)  # a trained model can be reused by several runs
+    # Copies, so that one training can serve several runs (tests do this).
+    model, rng = copy.deepcopy(trained.model), copy.deepcopy(trained.rng)
     baseline = trained.baseline
     shadow = copy.deepcopy(baseline)
 
@@ -1052,7 +1068,7 @@ def run_experiment(cfg: Config, trained: Trained = None, batches: Iterable = Non
         stream = SelfHealingStream(model, shadow, baseline, fidi, cfg, log)
         if not cfg.quiet:
             console(BATCH_HEADER)
-        stream.run(batches if batches is not None else drifted_batches(data.drift, cfg, trained.rng))
+        stream.run(batches if batches is not None else drifted_batches(data.drift, cfg, rng))
 
         healed_drift = predict_proba(model, data.drift.X)
         drift_rows = evaluate(cfg, data.drift, {
@@ -1123,17 +1139,16 @@ def article_comparison(result: RunResult) -> list[tuple[str, str, str]]:
         for label, a, o in zip(("accuracy", "precision", "recall", "F1", "TP/TN/FP/FN"), article, ours):
             rows.append((f"{title}: {label}", a, o))
     best = r.registry.best_post_heal()
-    lifts = log.lifts
-    heal_batches = log.counts["heal"]
+    lift = log.lift
     rows += [
-        ("Batches healed", "25 of 25", f"{heal_batches} of {r.cfg.n_batches}"),
+        ("Batches healed", "25 of 25", f"{log.counts['heal']} of {r.cfg.n_batches}"),
         ("Rollbacks", "0", str(log.counts["rollback"])),
         ("Registry snapshots saved", "51", str(r.registry.saved)),
         ("Best post-heal snapshot", "v21 (batch 10, acc 0.710, F1 0.408)",
          "none" if best is None else f"v{best.version} (batch {best.batch}, acc {best.accuracy:.3f}, F1 {best.f1:.3f})"),
-        ("Batches with positive lift", "25 of 25", f"{sum(x > 0 for x in lifts)} of {len(lifts)}"),
-        ("Lift range", "+0.050 to +0.360", f"{min(lifts):+.3f} to {max(lifts):+.3f}" if lifts else "-"),
-        ("Mean lift (in-sample)", "+22.3 pp", f"{100 * np.mean(lifts):+.1f} pp" if lifts else "-"),
+        ("Batches with positive lift", "25 of 25", f"{lift.positive} of {lift.n}"),
+        ("Lift range", "+0.050 to +0.360", f"{lift.min:+.3f} to {lift.max:+.3f}" if lift.n else "-"),
+        ("Mean lift (in-sample)", "+22.3 pp", f"{100 * lift.mean:+.1f} pp" if lift.n else "-"),
         ("FIDI mu, sigma", "-0.363, 1.323", f"{r.fidi_mu:.3f}, {r.fidi_sigma:.3f}"),
         ("z first above threshold", "batch 3", f"batch {log.first_drift_batch}" if log.first_drift_batch else "never"),
         ("Clean test V14: mean, share < -1.5", "-0.377, 18.8%", _v14_stats(r.data.test)),
@@ -1188,9 +1203,8 @@ def report(result: RunResult) -> list[str]:
     lines += [
         "",
         f"Mean prequential lift (model that served each batch, before its heal, minus shadow): "
-        f"{100 * log.mean_prequential_lift:+.1f} pp accuracy, "
-        f"{100 * (log.preq_f1_sum / log.preq_n if log.preq_n else float('nan')):+.1f} pp F1 "
-        f"(the article's in-sample lift: {100 * np.mean(log.lifts) if log.lifts else float('nan'):+.1f} pp).",
+        f"{100 * log.prequential.mean:+.1f} pp accuracy, {100 * log.prequential_f1.mean:+.1f} pp F1 "
+        f"(the article's in-sample lift: {_num(100 * log.lift.mean, '+.1f')} pp).",
         f"Bayes-optimal limits at drift {cfg.drift_strength:g}: accuracy {100 * r.bayes_accuracy:.1f}%, "
         f"ROC-AUC {r.bayes_auc:.3f} (likelihood ratio; a threshold on V14 alone reaches at most "
         f"{v14_threshold_auc(cfg, True):.3f}); always answering normal scores "
@@ -1373,7 +1387,8 @@ def make_plots(result: RunResult, directory: Path) -> list[Path]:
     for r in records:
         ax.barh(STATES.index(r.state), 0.9, left=r.batch - 0.45, color=state_colors[r.state])
     ax.set_yticks(range(len(STATES)), STATES)
-    ax.set(title="Engine state per batch", xlabel="stream batch", xlim=(0.4, max(batches, default=1) + 0.6))
+    ax.set(title="Engine state per batch", xlabel="stream batch", xlim=(0.4, max(batches, default=1) + 0.6),
+           ylim=(-0.6, len(STATES) - 0.4))
     ax.grid(alpha=0.3, axis="x")
     save(fig, PLOT_FILES[3])
 

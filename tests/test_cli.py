@@ -1,0 +1,102 @@
+"""Acceptance: flags, bad input, a quiet import."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import SCRIPT, shp
+
+BAD_FLAGS = [
+    ["--n-batches", "abc"], ["--drift-strength", "strong"], ["--n-batches", "0"], ["--batch-size", "0"],
+    ["--fraud-ratio", "0"], ["--fraud-ratio", "1"], ["--fraud-ratio", "1.5"], ["--heal-steps", "-1"],
+    ["--fidi-window", "0"], ["--health-window", "0"], ["--lr", "nan"], ["--supervision", "oracle"],
+    ["--no-such-flag"], ["--thresholds", "missing.json"],
+]
+BAD_THRESHOLD_FILES = {
+    "not_json.json": "{rollback_f1_drop: 0.1",
+    "unknown_key.json": json.dumps({"rollback_f1_drop": 0.1, "retrain": True}),
+    "wrong_type.json": json.dumps({"health_window": "five"}),
+    "float_for_int.json": json.dumps({"conflict_min": 2.5}),
+    "list.json": json.dumps([0.1]),
+    "nan.json": '{"fidi_threshold": NaN}',
+}
+
+
+def _run(args, cwd):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def _assert_user_error(proc, cwd):
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    written = {p.name for p in cwd.iterdir()} - set(BAD_THRESHOLD_FILES)
+    assert not written, f"files written on bad input: {written}"
+
+
+@pytest.mark.parametrize("args", BAD_FLAGS, ids=lambda a: " ".join(a))
+def test_bad_flags_exit_2_in_one_line(args, tmp_path, capsys):
+    # In-process for speed: main() either returns 2 or argparse exits with 2.
+    import os
+    os.chdir(tmp_path)
+    try:
+        code = shp.main(args)
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert len(captured.err.strip().splitlines()) == 1 and "Traceback" not in captured.err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", sorted(BAD_THRESHOLD_FILES))
+def test_bad_threshold_files_exit_2_in_one_line(name, tmp_path):
+    for file, text in BAD_THRESHOLD_FILES.items():
+        (tmp_path / file).write_text(text)
+    _assert_user_error(_run(["--thresholds", name], tmp_path), tmp_path)
+
+
+def test_non_number_exits_2_as_a_real_process(tmp_path):
+    _assert_user_error(_run(["--n-batches", "abc"], tmp_path), tmp_path)
+    _assert_user_error(_run(["--n-batches", "0"], tmp_path), tmp_path)
+
+
+def test_every_config_field_is_a_flag_with_its_default_in_help():
+    text = shp.build_parser().format_help()
+    import dataclasses
+    for f in dataclasses.fields(shp.Config):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in text
+    assert "(default: 2.2)" in text and "--thresholds" in text
+
+
+def test_flags_reach_the_config():
+    cfg = shp.parse_config(["--drift-strength", "3.5", "--rollback-f1-drop", "0.03", "--no-plots", "--seed", "7"])
+    assert (cfg.drift_strength, cfg.rollback_f1_drop, cfg.no_plots, cfg.seed) == (3.5, 0.03, True, 7)
+    assert dataclasses_frozen(cfg)
+
+
+def dataclasses_frozen(cfg):
+    try:
+        cfg.seed = 1
+    except Exception:
+        return True
+    return False
+
+
+def test_import_does_no_work(tmp_path):
+    code = (
+        "import numpy as np, torch, sys\n"
+        "np_state, torch_state = np.random.get_state()[1].copy(), torch.get_rng_state().clone()\n"
+        f"sys.path.insert(0, {str(SCRIPT.parent)!r})\n"
+        "import self_healing_production_final\n"
+        "assert (np.random.get_state()[1] == np_state).all(), 'numpy seeded'\n"
+        "assert torch.equal(torch.get_rng_state(), torch_state), 'torch seeded or used'\n"
+        "assert 'matplotlib' not in sys.modules, 'matplotlib imported before it is needed'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and proc.stderr == ""
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,121 @@
+"""Acceptance: the default run reproduces the article's table, and runs reproduce themselves."""
+import csv
+import json
+import re
+
+import numpy as np
+
+from conftest import shp
+
+
+def test_article_table_reproduced(default_run):
+    result, lines, _ = default_run
+    d = result.drift_rows
+    assert result.clean_before.metrics.counts == "109/820/30/41"
+    assert d["no_healing"].metrics.counts == "128/318/532/22"
+    assert d["shadow"].metrics.counts == "128/318/532/22"
+    assert d["healed"].metrics.counts == "51/673/177/99"
+    assert result.log.counts["heal"] == 25 and result.log.counts["rollback"] == 0
+    assert result.registry.saved == 51
+    best = result.registry.best_post_heal()
+    assert (best.version, best.batch, round(best.accuracy, 3), round(best.f1, 3)) == (21, 10, 0.710, 0.408)
+    assert (round(result.fidi_mu, 3), round(result.fidi_sigma, 3)) == (-0.363, 1.323)
+    assert result.log.first_drift_batch == 3
+    assert result.log.lift.positive == 25
+    assert (round(result.log.lift.min, 3), round(result.log.lift.max, 3)) == (0.05, 0.36)
+    assert round(100 * result.log.lift.mean, 1) == 22.3
+
+
+def test_every_article_figure_is_printed_and_matches(default_run):
+    result, lines, _ = default_run
+    comparison = shp.article_comparison(result)
+    assert len(comparison) == 31
+    assert all(article == ours for _, article, ours in comparison), comparison
+    text = "\n".join(lines)
+    assert "31 of 31 figures match the article." in text
+    assert re.search(r"Self-healed: TP/TN/FP/FN\s+51/673/177/99\s+51/673/177/99\s+match", text)
+    assert "DIFFERS" not in text
+    assert all(ord(c) < 128 for c in text), "console output is plain ASCII"
+
+
+def test_z_first_exceeds_threshold_at_batch_3_and_stays(default_run):
+    result, _, _ = default_run
+    z = [r.z for r in result.log.records]
+    assert z[0] == z[1] == 0.0 and all(v > 1.0 for v in z[2:])
+
+
+def test_metrics_csv_contents(default_run):
+    result, _, out = default_run
+    raw = (out / "monitoring_export" / "metrics.csv").read_bytes()
+    assert not raw.startswith(b"\xef\xbb\xbf"), "no byte-order mark"
+    rows = list(csv.DictReader(raw.decode("utf-8").splitlines()))
+    assert list(rows[0]) == shp.CSV_COLUMNS
+    assert [int(r["batch"]) for r in rows] == list(range(1, 26))
+    assert {r["state"] for r in rows} == {"HEALING"}
+    assert {r["action"] for r in rows} == {"heal"}
+    assert float(rows[9]["healed_accuracy"]) == 0.71 and rows[9]["version_post"] == "21"
+    lifts = [float(r["lift"]) for r in rows]
+    assert min(lifts) == 0.05 and max(lifts) == 0.36
+    preq = [float(r["prequential_lift"]) for r in rows]
+    assert np.mean(preq) == np.mean([r.prequential_lift for r in result.log.records])
+
+
+def test_events_json_is_strict_and_complete(default_run):
+    _, _, out = default_run
+    text = (out / "monitoring_export" / "events.json").read_text(encoding="utf-8")
+    events = json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(AssertionError(f"{c} in JSON")))
+    assert [e["type"] for e in events] == ["heal"] * 25
+    assert [e["version_post"] for e in events] == list(range(3, 52, 2))
+    assert all({"batch", "time", "version_pre", "f1_after"} <= set(e) for e in events)
+
+
+def test_threshold_config_written(default_run):
+    _, _, out = default_run
+    data = json.loads((out / "monitoring_export" / "threshold_config.json").read_text())
+    assert data == shp.threshold_dict(shp.Config())
+    assert not list((out / "monitoring_export").glob(".*.tmp")), "no temporary files left"
+
+
+def _metrics_csv(out):
+    return (out / "monitoring_export" / "metrics.csv").read_bytes()
+
+
+def test_same_flags_give_identical_metrics(tmp_path):
+    """From scratch twice (seeding, training, stream): byte-identical metrics.csv."""
+    cfg = shp.Config(n_train=1500, epochs=4, n_batches=10, rollback_f1_drop=0.02, quiet=True)
+    for name in ("a", "b"):
+        shp.run_experiment(cfg, console=lambda line: None, export_dir=tmp_path / name / "monitoring_export")
+    assert _metrics_csv(tmp_path / "a") == _metrics_csv(tmp_path / "b")
+
+
+def test_thresholds_file_reproduces_the_run_that_wrote_it(default_trained, tmp_path):
+    flags = ["--rollback-f1-drop", "0.03", "--health-window", "4", "--conflict-min", "6", "--quiet"]
+    first = shp.parse_config(flags + ["--out", str(tmp_path / "a")])
+    shp.run_experiment(first, trained=default_trained, console=print, export_dir=tmp_path / "a" / "monitoring_export")
+    again = shp.parse_config(["--thresholds", str(tmp_path / "a" / "monitoring_export" / "threshold_config.json"),
+                              "--quiet", "--out", str(tmp_path / "b")])
+    assert shp.threshold_dict(again) == shp.threshold_dict(first)
+    shp.run_experiment(again, trained=default_trained, console=print, export_dir=tmp_path / "b" / "monitoring_export")
+    assert _metrics_csv(tmp_path / "a") == _metrics_csv(tmp_path / "b")
+
+
+def test_explicit_flag_wins_over_thresholds_file(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"rollback_f1_drop": 0.05, "health_window": 7}))
+    cfg = shp.parse_config(["--thresholds", str(path), "--health-window", "3"])
+    assert (cfg.rollback_f1_drop, cfg.health_window) == (0.05, 3)
+
+
+def test_end_to_end_cli_writes_plots_and_exports(tmp_path):
+    import subprocess
+    import sys
+    from conftest import SCRIPT
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, env={**__import__("os").environ, "MPLBACKEND": "Agg"})
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"51/673/177/99\s+51/673/177/99\s+match", proc.stdout)
+    plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert plots == sorted(shp.PLOT_FILES)
+    assert all((tmp_path / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
+    assert sorted(p.name for p in (tmp_path / "monitoring_export").iterdir()) == \
+        ["events.json", "metrics.csv", "threshold_config.json"]
