@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, TimeoutError as FuturesTimeoutError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
@@ -90,6 +90,9 @@ class Config:
                              "rules (no ground truth anywhere), delayed (labels K batches late)",
                              choices=SUPERVISION_MODES)
     label_delay: int = _flag(3, "K for --supervision delayed: batch i's labels usable from batch i+K")
+    heal_worker: str = _flag("thread", "where heals run: thread (starts at once) or process (no "
+                             "interpreter lock shared with inference; about 2 s to start)",
+                             choices=("thread", "process"))
     async_apply: bool = _flag(False, "publish a heal as soon as it finishes, not at the next batch "
                               "boundary (timing-dependent, so not reproducible)")
     heal_timeout: float = _flag(30.0, "seconds to wait for one heal before rejecting it")
@@ -137,6 +140,7 @@ def validate(cfg: Config) -> Config:
     check(cfg.lr > 0, "lr", "positive")
     check(cfg.heal_lr > 0, "heal_lr", "positive")
     check(cfg.heal_timeout > 0, "heal_timeout", "positive")
+    check(cfg.heal_worker in ("thread", "process"), "heal_worker", "thread or process")
     check(cfg.supervision in SUPERVISION_MODES, "supervision", f"one of {', '.join(SUPERVISION_MODES)}")
     for name in ("n_train", "n_test", "n_drift"):
         n = getattr(cfg, name)
@@ -384,36 +388,36 @@ def heal_loss(proba, targets, rule, weight, cfg: Config):
 
 @dataclass
 class HealResult:
-    layer: ReflexiveLayer
-    optimizer: torch.optim.Optimizer
+    layer: ReflexiveLayer  # a new object, never changed afterwards: safe to serve
     losses: list
     seconds: float
 
 
-class HealEngine:
-    """Heals a private copy of the ReflexiveLayer; the served layer is never touched.
+class AdapterTrainer:
+    """The healing side: a private ReflexiveLayer and one Adam optimizer over it,
+    kept across heals (as in the article; a rollback does not reset it).
 
-    One Adam optimizer lives across heals (as in the article). Each heal copies
-    layer and optimizer together, trains the copy, and returns it; `adopt`
-    makes it current. A failed heal leaves nothing behind.
+    Each heal trains copies of layer and optimizer and commits them only when
+    loss and weights stayed finite, so a rejected heal leaves nothing behind.
+    The committed layer is handed out to be served and never changed again.
     """
 
-    def __init__(self, model: SelfHealingMLP, cfg: Config):
-        self.model, self.cfg = model, cfg
-        self.layer = model.reflexive
+    def __init__(self, backbone: nn.Module, head: nn.Module, layer: ReflexiveLayer, cfg: Config):
+        self.backbone, self.head, self.cfg = backbone, head, cfg
+        self.layer = copy.deepcopy(layer)
         self.optimizer = torch.optim.Adam(self.layer.parameters(), lr=cfg.heal_lr)
 
     def heal(self, batch: HealBatch, weight: float) -> HealResult:
         start = time.perf_counter()
         layer, optimizer = copy.deepcopy((self.layer, self.optimizer))
         with torch.no_grad():  # the backbone is frozen: its features are fixed
-            features = self.model.backbone(torch.from_numpy(batch.X))
+            features = self.backbone(torch.from_numpy(batch.X))
         targets = torch.from_numpy(batch.targets).unsqueeze(1)
         rule = torch.from_numpy(batch.rule).unsqueeze(1)
         losses = []
         for step in range(self.cfg.heal_steps):
             optimizer.zero_grad()
-            loss = heal_loss(self.model.head(layer(features)), targets, rule, weight, self.cfg)
+            loss = heal_loss(self.head(layer(features)), targets, rule, weight, self.cfg)
             if not torch.isfinite(loss):
                 raise HealRejected(f"non-finite loss at step {step + 1}")
             loss.backward()
@@ -421,61 +425,165 @@ class HealEngine:
             losses.append(loss.item())
         if not all(torch.isfinite(p).all() for p in layer.parameters()):
             raise HealRejected("non-finite adapter weights")
-        return HealResult(layer, optimizer, losses, time.perf_counter() - start)
-
-    def adopt(self, result: HealResult) -> None:
-        """Make a finished heal current and serve it: one atomic attribute swap."""
-        self.layer, self.optimizer = result.layer, result.optimizer
-        self.model.reflexive = result.layer
+        self.layer, self.optimizer = layer, optimizer
+        return HealResult(layer, losses, time.perf_counter() - start)
 
     def restore(self, state: dict) -> None:
-        """Serve a registry snapshot; the optimizer keeps its state (as in the article)."""
+        """Continue from a registry snapshot (a rollback); Adam keeps its moments."""
         layer, optimizer = copy.deepcopy((self.layer, self.optimizer))
         layer.load_state_dict(state)
-        self.adopt(HealResult(layer, optimizer, [], 0.0))
+        self.layer, self.optimizer = layer, optimizer
 
 
-class BackgroundHealer:
-    """Runs one heal at a time in a daemon thread; every wait is bounded.
+class ThreadHealer:
+    """Heals in a daemon thread of this process. Starts at once; but the thread
+    shares the interpreter lock with inference, which slows predictions (never
+    stops them: no lock of ours is shared) while a heal runs."""
 
-    Inference never waits on it: heals train private copies, and publishing is
-    an attribute swap done by whoever adopts the result.
-    """
-
-    def __init__(self, engine: HealEngine):
-        self.engine = engine
+    def __init__(self, model: SelfHealingMLP, cfg: Config):
+        self.model, self.cfg = model, cfg
+        self.trainer = AdapterTrainer(model.backbone, model.head, model.reflexive, cfg)
         self.future: Optional[Future] = None
         self.started = 0.0
+
+    def submit(self, batch: HealBatch, weight: float) -> None:
+        future, trainer = Future(), self.trainer
+
+        def work():
+            try:
+                future.set_result(trainer.heal(batch, weight))
+            except BaseException as e:  # contained: reported by result()
+                future.set_exception(e)
+
+        self.future, self.started = future, time.monotonic()
+        threading.Thread(target=work, name="heal", daemon=True).start()
 
     def busy(self) -> bool:
         return self.future is not None and not self.future.done()
 
-    def submit(self, batch: HealBatch, weight: float, on_done: Callable[[Future], None] = None) -> Future:
-        future: Future = Future()
-
-        def work():
-            try:
-                future.set_result(self.engine.heal(batch, weight))
-            except BaseException as e:  # contained: reported by whoever waits
-                future.set_exception(e)
-            if on_done is not None:
-                on_done(future)
-
-        self.future, self.started = future, time.monotonic()
-        threading.Thread(target=work, name="heal", daemon=True).start()
-        return future
-
-    def wait(self, timeout: float) -> HealResult:
+    def result(self, timeout: float) -> HealResult:
         """The finished heal, or HealRejected; never waits longer than timeout."""
         future, self.future = self.future, None
         try:
             return future.result(timeout=timeout)
-        except TimeoutError:
+        except FuturesTimeoutError:
+            self.abandon()
             raise HealRejected(f"heal did not finish within {timeout:g} s") from None
         except HealRejected:
             raise
         except Exception as e:
             raise HealRejected(f"heal raised {type(e).__name__}: {e}") from None
+
+    def restore(self, state: dict) -> None:
+        self.trainer.restore(state)
+
+    def abandon(self) -> None:
+        """Leave a hung heal to its (daemon) thread and start again from the served
+        weights; the abandoned thread's trainer is never used again."""
+        self.future = None
+        self.trainer = AdapterTrainer(self.model.backbone, self.model.head, self.model.reflexive, self.cfg)
+
+    def close(self) -> None:
+        self.future = None
+
+
+def _to_arrays(state: dict) -> dict:
+    # Tensors sent through a multiprocessing pipe go by shared memory, which costs
+    # milliseconds; numpy arrays go as plain bytes in microseconds.
+    return {k: v.detach().numpy().copy() for k, v in state.items()}
+
+
+def _heal_worker(conn, backbone, head, layer, cfg) -> None:
+    """The worker process's loop: heal or restore on request, reply with the outcome."""
+    torch.set_num_threads(1)  # one core heals, the others serve
+    trainer = AdapterTrainer(backbone, head, layer, cfg)
+    while True:
+        message = conn.recv()
+        if message[0] == "heal":
+            try:
+                result = trainer.heal(*message[1:])
+                conn.send(("ok", (_to_arrays(result.layer.state_dict()), result.losses, result.seconds)))
+            except Exception as e:
+                conn.send(("error", e if isinstance(e, HealRejected) else f"heal raised {type(e).__name__}: {e}"))
+        elif message[0] == "restore":
+            trainer.restore({k: torch.from_numpy(v) for k, v in message[1].items()})
+        else:
+            return
+
+
+class ProcessHealer:
+    """Heals in a worker process, so that heal steps share nothing with inference.
+    Starting one costs an import of torch (about 2 s), and each heal ships the
+    batch there and the new layer back (tens of kB). A hung worker is killed."""
+
+    def __init__(self, model: SelfHealingMLP, cfg: Config):
+        self.model, self.cfg = model, cfg
+        self.process, self.conn = None, None
+        self.pending = False
+        self.started = 0.0
+
+    def _start(self) -> None:
+        import multiprocessing
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_heal_worker, daemon=True, name="heal-worker",
+                                       args=(child, self.model.backbone, self.model.head, self.model.reflexive, self.cfg))
+        self.process.start()
+        child.close()
+
+    def submit(self, batch: HealBatch, weight: float) -> None:
+        if self.process is None:
+            self._start()
+        self.conn.send(("heal", batch, weight))
+        self.pending, self.started = True, time.monotonic()
+
+    def busy(self) -> bool:
+        return self.pending and not self.conn.poll()
+
+    def result(self, timeout: float) -> HealResult:
+        self.pending = False
+        try:
+            if not self.conn.poll(timeout):
+                self.abandon()
+                raise HealRejected(f"heal did not finish within {timeout:g} s")
+            status, payload = self.conn.recv()
+        except (EOFError, OSError) as e:
+            self.abandon()
+            raise HealRejected(f"heal worker died: {type(e).__name__}") from None
+        if status != "ok":
+            raise payload if isinstance(payload, HealRejected) else HealRejected(payload)
+        arrays, losses, seconds = payload
+        layer = copy.deepcopy(self.model.reflexive)  # a new object to serve, built from the arrays
+        layer.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
+        return HealResult(layer, losses, seconds)
+
+    def restore(self, state: dict) -> None:
+        if self.process is not None:  # applied before the next heal: the pipe keeps order
+            self.conn.send(("restore", _to_arrays(state)))
+
+    def abandon(self) -> None:
+        """Kill the worker; the next heal starts a new one from the served weights."""
+        self.pending = False
+        if self.process is not None:
+            self.process.kill()
+            self.process.join(timeout=5)
+            self.conn.close()
+        self.process = self.conn = None
+
+    def close(self) -> None:
+        if self.process is None:
+            return
+        if self.pending:
+            self.abandon()
+            return
+        self.conn.send(("stop",))
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.kill()
+        self.process = self.conn = None
+
+
+HEALERS = {"thread": ThreadHealer, "process": ProcessHealer}
 
 
 # -- Registry and rollback
@@ -827,20 +935,22 @@ class SelfHealingStream:
                  fidi: FIDIMonitor, cfg: Config, log: StreamLog):
         self.model, self.shadow, self.baseline = model, shadow, baseline
         self.fidi, self.cfg, self.log = fidi, cfg, log
-        self.engine = HealEngine(model, cfg)
-        self.healer = BackgroundHealer(self.engine)
+        self.healer = HEALERS[cfg.heal_worker](model, cfg)
         self.registry = ModelRegistry(cfg.keep_best, cfg.keep_last)
         self.registry.save(model.reflexive, 0, "clean", float("nan"), float("nan"))
         self.health = HealthMonitor(cfg)
         self.supervision = Supervision(cfg.supervision, cfg.label_delay)
         self._pending: Optional[tuple] = None  # --async-apply: the heal in flight
-        self._heal_id = 0
 
     def run(self, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> None:
-        for i, (X, y) in enumerate(batches, start=1):
-            self.step(i, X, y)
-        if self._pending is not None:  # --async-apply: account for the last heal too
-            self._finish_async(self.cfg.n_batches, wait=True)
+        try:
+            i = 0
+            for i, (X, y) in enumerate(batches, start=1):
+                self.step(i, X, y)
+            if self._pending is not None:  # --async-apply: account for the last heal too
+                self._finish_async(i, wait=True)
+        finally:
+            self.healer.close()
 
     def step(self, i: int, X: np.ndarray, y: np.ndarray) -> BatchRecord:
         cfg, log = self.cfg, self.log
@@ -852,7 +962,7 @@ class SelfHealingStream:
             log.record(record, drifting=False)
             return record
 
-        if cfg.async_apply and self._pending is not None and not self.healer.busy():
+        if self._pending is not None and not self.healer.busy():
             self._finish_async(i, wait=False)
 
         served_proba = predict_proba(self.model, X)
@@ -891,7 +1001,7 @@ class SelfHealingStream:
         """Heal and apply before the next batch: the default, deterministic."""
         self.healer.submit(view, record.pos_weight)
         try:
-            result = self.healer.wait(self.cfg.heal_timeout)
+            result = self.healer.result(self.cfg.heal_timeout)
         except HealRejected as e:
             self._heal_failed(i, record, str(e))
             self._monitor(record, pre, post_heal=False)
@@ -899,24 +1009,17 @@ class SelfHealingStream:
         self._complete(i, record, view, pre, result)
 
     def _start_async(self, i, record, view, pre) -> None:
-        """--async-apply: the heal thread publishes the moment it finishes; the
-        bookkeeping (snapshots, health, rollback) follows at the next batch."""
+        """--async-apply: start a heal and go on serving; it is applied at the first
+        batch boundary after it finishes. One heal at a time."""
         self._monitor(record, pre, post_heal=False)
-        if self.healer.busy():
+        if self._pending is not None:
             if time.monotonic() - self.healer.started <= self.cfg.heal_timeout:
-                record.action = "heal_busy"  # one heal at a time: this batch's is skipped
+                record.action = "heal_busy"  # this batch's heal is skipped
                 return
-            self._pending = None
-            self._heal_failed(i, record, f"heal did not finish within {self.cfg.heal_timeout:g} s")
-        self._heal_id += 1
-        heal_id = self._heal_id
-
-        def publish(future: Future):
-            # A heal abandoned after a timeout, or superseded, never publishes.
-            if future.exception() is None and self._heal_id == heal_id:
-                self.model.reflexive = future.result().layer
-
-        self.healer.submit(view, record.pos_weight, on_done=publish)
+            self.healer.abandon()
+            self.log.event("heal_failed", self._pending[0],
+                           reason=f"heal did not finish within {self.cfg.heal_timeout:g} s")
+        self.healer.submit(view, record.pos_weight)
         self._pending = (i, view, pre)
         record.state, record.action = "HEALING", "heal_started"
 
@@ -926,17 +1029,16 @@ class SelfHealingStream:
         record = BatchRecord(batch, "HEALING", "heal", float("nan"), 0, float("nan"), float("nan"),
                              None, None, None, None, None, None)
         try:
-            result = self.healer.wait(self.cfg.heal_timeout if wait else 0)
+            result = self.healer.result(self.cfg.heal_timeout if wait else 0)
         except HealRejected as e:
-            self._heal_id += 1
             self._heal_failed(batch, record, str(e))
             return
         self._complete(batch, record, view, pre, result, applied_at=i)
 
     def _complete(self, i, record, view, pre, result: HealResult, applied_at: int = None) -> None:
         """Version the heal (pre and post snapshots), serve it, update health, maybe roll back."""
-        pre_snap = self.registry.save(self.engine.layer, i, "pre_heal", pre.accuracy, pre.f1)
-        self.engine.adopt(result)
+        pre_snap = self.registry.save(self.model.reflexive, i, "pre_heal", pre.accuracy, pre.f1)
+        self.model.reflexive = result.layer  # the atomic swap that publishes the heal
         post = metrics_at(view.targets, predict_proba(self.model, view.X))
         post_snap = self.registry.save(result.layer, i, "post_heal", post.accuracy, post.f1)
         record.state, record.action = "HEALING", "heal"
@@ -953,7 +1055,10 @@ class SelfHealingStream:
         target = self.registry.best_post_heal() if reason else None
         if target is None:
             return
-        self.engine.restore(target.state)
+        restored = copy.deepcopy(result.layer)
+        restored.load_state_dict(target.state)
+        self.model.reflexive = restored
+        self.healer.restore(target.state)
         self.health.restart()
         record.state, record.action, record.restored_version = "ROLLED_BACK", "heal+rollback", target.version
         self.log.event("rollback", applied_at or i, restored_version=target.version,

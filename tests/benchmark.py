@@ -1,0 +1,161 @@
+"""Benchmarks of the heal engine and the stream (not collected by pytest).
+
+    python tests/benchmark.py                 # latency, heal duration, stream scaling
+    python tests/benchmark.py --sizes 1000    # a quicker stream-scaling run
+    python tests/benchmark.py --startup       # the default run's wall time against the import floor
+
+Every figure below is measured by this script and printed; nothing is assumed.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "self_healing_production_final.py"
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def latency(n_calls: int) -> None:
+    """Predict latency idle and while heals run back to back, for both heal workers.
+
+    The serving loop answers one request per call and, between calls, adopts a
+    finished heal (the swap) and starts the next one, as the stream does at its
+    batch boundaries. The time that adoption takes is reported on its own line.
+    Idle and busy samples come from ten alternating blocks each.
+    """
+    sys.path.insert(0, str(ROOT))
+    import torch
+    import self_healing_production_final as shp
+    torch.set_num_threads(1)  # one core serves; the other heals (worker process) or idles
+    cfg = shp.Config(quiet=True)
+    trained = shp.prepare(cfg)
+    X, y = trained.data.drift.X[:cfg.batch_size], trained.data.drift.y[:cfg.batch_size]
+    batch = shp.HealBatch(X, y, shp.rule_labels(X, cfg))
+    ms = lambda s: f"{1000 * s:.3f} ms"  # noqa: E731
+    print(f"predict latency: {cfg.batch_size} rows per call, {n_calls} calls per sample, 1 torch thread serving")
+    for kind in ("thread", "process"):
+        model = shp.copy.deepcopy(trained.model)
+        healer = shp.HEALERS[kind](model, cfg)
+        healer.submit(batch, 2.0)
+        model.reflexive = healer.result(120).layer  # start the worker before timing anything
+        predict, adopt, heals = [], [], []
+
+        def serve(n, healing):
+            for _ in range(n):
+                if healing and not healer.busy():
+                    start = time.perf_counter()
+                    result = healer.result(120)
+                    model.reflexive = result.layer
+                    healer.submit(batch, 2.0)
+                    adopt.append(time.perf_counter() - start)
+                    heals.append(result.seconds)
+                start = time.perf_counter()
+                shp.predict_proba(model, X)
+                predict.append(time.perf_counter() - start)
+
+        serve(200, healing=False)  # warm-up
+        idle, busy = [], []
+        for _ in range(10):  # alternate idle and busy blocks, so that drift in the machine's speed cancels
+            predict.clear()
+            serve(n_calls // 10, healing=False)
+            idle += predict
+            predict.clear()
+            healer.submit(batch, 2.0)
+            serve(n_calls // 10, healing=True)
+            busy += predict
+            healer.result(120)
+        healer.close()
+        print(f"  heals in a {kind}:")
+        print(f"    idle:                p50 {ms(percentile(idle, 50))}  p99 {ms(percentile(idle, 99))}")
+        print(f"    heals back to back:  p50 {ms(percentile(busy, 50))}  p99 {ms(percentile(busy, 99))}")
+        print(f"    p99 ratio (busy / idle): {percentile(busy, 99) / percentile(idle, 99):.2f}")
+        print(f"    heal duration ({cfg.heal_steps} steps, {len(heals)} heals): "
+              f"p50 {ms(percentile(heals, 50))}  p99 {ms(percentile(heals, 99))}")
+        print(f"    adopting a finished heal between two calls: "
+              f"p50 {ms(percentile(adopt, 50))}  p99 {ms(percentile(adopt, 99))}")
+
+
+def stream_child(n_batches: int) -> None:
+    """Runs in a fresh process: one stream of n batches, plots off; prints JSON."""
+    sys.path.insert(0, str(ROOT))
+    import self_healing_production_final as shp
+    cfg = shp.Config(n_batches=n_batches, quiet=True, no_plots=True)
+    trained = shp.prepare(cfg)
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        result = shp.run_experiment(cfg, trained=trained, console=lambda line: None,
+                                    export_dir=Path(out), keep_records=False)
+        seconds = time.perf_counter() - start
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"n": n_batches, "seconds": seconds, "peak_mib": peak_kib / 1024,
+                      "heals": result.log.counts["heal"], "rollbacks": result.log.counts["rollback"],
+                      "retained": len(result.registry.snapshots), "saved": result.registry.saved}))
+
+
+def stream_scaling(sizes) -> None:
+    print("stream, plots off, one fresh process per size (peak = the process's max RSS):")
+    print(f"  {'batches':>8}  {'s/batch':>9}  {'total s':>8}  {'peak MiB':>8}  {'heals':>6}  {'rollbacks':>9}  "
+          f"{'snapshots kept/saved':>20}")
+    peaks = {}
+    for n in sizes:
+        proc = subprocess.run([sys.executable, __file__, "--child", str(n)], capture_output=True, text=True, check=True)
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        peaks[n] = r["peak_mib"]
+        print(f"  {n:>8}  {1000 * r['seconds'] / n:>6.3f} ms  {r['seconds']:>8.1f}  {r['peak_mib']:>8.1f}  "
+              f"{r['heals']:>6}  {r['rollbacks']:>9}  {str(r['retained']) + '/' + str(r['saved']):>20}")
+    if len(sizes) > 1:
+        print(f"  peak at {sizes[-1]} vs {sizes[0]} batches: {peaks[sizes[-1]] / peaks[sizes[0]]:.3f}x")
+
+
+def startup(repeats: int) -> None:
+    """Median of paired runs: the default run (plots and exports) and the import floor."""
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+
+    def timed(args, cwd):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, *args], cwd=cwd, env=env, check=True, stdout=subprocess.DEVNULL)
+        return time.perf_counter() - start
+
+    floor, full, no_plots = [], [], []
+    with tempfile.TemporaryDirectory() as cwd:
+        timed(["-c", "import torch, matplotlib.pyplot"], cwd)  # warm the file cache
+        for _ in range(repeats):
+            floor.append(timed(["-c", "import torch, matplotlib.pyplot"], cwd))
+            full.append(timed([str(SCRIPT)], cwd))
+            no_plots.append(timed([str(SCRIPT), "--no-plots"], cwd))
+    f, a, b = (statistics.median(x) for x in (floor, full, no_plots))
+    print(f"median of {repeats} paired runs:")
+    print(f"  import floor (python -c 'import torch, matplotlib.pyplot'): {f:.2f} s")
+    print(f"  default run (8 plots, 3 exports):  {a:.2f} s  = {a / f:.2f} x floor")
+    print(f"  --no-plots:                        {b:.2f} s  = {b / f:.2f} x floor")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=2000, help="predict calls per latency sample")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
+    parser.add_argument("--startup", action="store_true", help="only the startup benchmark")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return stream_child(args.child)
+    if args.startup:
+        return startup(args.repeats)
+    latency(args.calls)
+    stream_scaling(args.sizes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Issue 4: healing never blocks or corrupts inference, faults are contained, memory is bounded."""
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SMALL, shp, quiet
+
+
+def _finite(model):
+    return all(torch.isfinite(p).all() for p in model.reflexive.parameters())
+
+
+def _events(directory):
+    return json.loads((directory / "events.json").read_text())
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_predictions_never_mix_two_published_versions(kind, small_trained):
+    """8 threads predict while 1,000 heals publish: each output is exactly one version's."""
+    cfg = quiet(SMALL, heal_steps=1, heal_lr=0.05)
+    model = shp.copy.deepcopy(small_trained.model)
+    healer = shp.HEALERS[kind](model, cfg)
+    X = small_trained.data.drift.X[:64]
+    batch = shp.HealBatch(X, small_trained.data.drift.y[:64], shp.rule_labels(X, cfg))
+    published = {shp.predict_proba(model, X).tobytes()}
+    seen, errors, done = [set() for _ in range(8)], [], threading.Event()
+
+    def predict(out):
+        try:
+            while not done.is_set():
+                out.add(shp.predict_proba(model, X).tobytes())
+                time.sleep(0.002)  # a serving thread between requests
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=predict, args=(s,)) for s in seen]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(1000):
+            healer.submit(batch, 2.0)
+            model.reflexive = healer.result(timeout=60).layer
+            published.add(shp.predict_proba(model, X).tobytes())
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+        healer.close()
+    assert not errors
+    observed = set().union(*seen)
+    assert len(published) > 900, "the heals did change the weights"
+    assert len(observed) > 100, "predictions overlapped the heals"
+    assert observed <= published, f"{len(observed - published)} outputs match no published version"
+
+
+def _run_with(trained, tmp_path, batches=None, **overrides):
+    cfg = quiet(SMALL, **overrides)
+    return shp.run_experiment(cfg, trained=trained, batches=batches, console=print, export_dir=tmp_path)
+
+
+def _assert_contained(result, tmp_path, kind, reason_part):
+    assert len(result.log.records) == SMALL["n_batches"]
+    assert _finite(result.model)
+    events = [e for e in _events(tmp_path) if e["type"] == kind]
+    assert events and all(reason_part in e["reason"] for e in events), events
+    return events
+
+
+def test_heal_exception_is_contained(small_trained, tmp_path, monkeypatch):
+    served_before = small_trained.model.reflexive.state_dict()
+
+    def broken(*args):
+        raise RuntimeError("injected fault")
+    monkeypatch.setattr(shp, "heal_loss", broken)
+    start = time.monotonic()
+    result = _run_with(small_trained, tmp_path)
+    assert time.monotonic() - start < 10
+    _assert_contained(result, tmp_path, "heal_failed", "injected fault")
+    after = result.model.reflexive.state_dict()
+    assert all(after[k].equal(served_before[k]) for k in after), "served weights stay as they were"
+    assert {r.action for r in result.log.records} <= {"heal_failed", "none"}
+
+
+def test_nan_loss_is_rejected(small_trained, tmp_path, monkeypatch):
+    real = shp.heal_loss
+    monkeypatch.setattr(shp, "heal_loss", lambda *a: real(*a) * float("nan"))
+    result = _run_with(small_trained, tmp_path)
+    _assert_contained(result, tmp_path, "heal_failed", "non-finite loss")
+
+
+def test_nan_features_are_quarantined(small_trained, tmp_path):
+    cfg = quiet(SMALL)
+    batches = list(shp.drifted_batches(small_trained.data.drift, cfg, np.random.RandomState(1)))
+    X, y = batches[2]
+    X = X.copy()
+    X[3, 0], X[7, shp.V14] = np.nan, np.inf
+    batches[2] = (X, y)
+    result = _run_with(small_trained, tmp_path, batches=batches)
+    events = _assert_contained(result, tmp_path, "batch_quarantined", "2 rows")
+    assert events[0]["batch"] == 3
+    assert result.log.records[2].state == "QUARANTINED"
+    assert result.log.counts["heal"] >= 1, "the stream goes on healing after the bad batch"
+
+
+def test_saturating_inputs_do_not_poison_the_adapter(small_trained, tmp_path):
+    cfg = quiet(SMALL)
+    batches = [(X.copy(), y) for X, y in shp.drifted_batches(small_trained.data.drift, cfg, np.random.RandomState(2))]
+    for X, _ in batches:
+        X[:, shp.V14] *= 10_000  # sigmoid outputs of exactly 0 and 1
+    start = time.monotonic()
+    result = _run_with(small_trained, tmp_path, batches=batches)
+    assert time.monotonic() - start < 10
+    assert len(result.log.records) == len(batches) and _finite(result.model)
+    events = _events(tmp_path)
+    assert events, "heals or their rejections are exported"
+    assert all(e["type"] in ("heal", "heal_failed", "rollback") for e in events)
+
+
+def test_a_hung_heal_times_out(small_trained, tmp_path, monkeypatch):
+    real = shp.AdapterTrainer.heal
+
+    def slow(self, *args):
+        time.sleep(0.5)
+        return real(self, *args)
+    monkeypatch.setattr(shp.AdapterTrainer, "heal", slow)
+    start = time.monotonic()
+    result = _run_with(small_trained, tmp_path, heal_timeout=0.05)
+    assert time.monotonic() - start < 10
+    _assert_contained(result, tmp_path, "heal_failed", "did not finish within 0.05 s")
+
+
+def test_async_apply_runs_to_the_end(small_trained, tmp_path):
+    result = _run_with(small_trained, tmp_path, async_apply=True)
+    assert len(result.log.records) == SMALL["n_batches"] and _finite(result.model)
+    heals = [e for e in _events(tmp_path) if e["type"] == "heal"]
+    assert heals and all(e["applied_at_batch"] >= e["batch"] for e in heals)
+
+
+def test_a_failed_run_leaves_no_half_written_export(small_trained, tmp_path):
+    (tmp_path / "metrics.csv").write_text("previous run\n")
+    cfg = quiet(SMALL)
+
+    def batches():
+        yield from list(shp.drifted_batches(small_trained.data.drift, cfg, np.random.RandomState(1)))[:3]
+        raise KeyboardInterrupt  # the run is killed mid-stream
+    with pytest.raises(KeyboardInterrupt):
+        shp.run_experiment(cfg, trained=small_trained, batches=batches(), console=print, export_dir=tmp_path)
+    assert (tmp_path / "metrics.csv").read_text() == "previous run\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]
+
+
+def test_long_stream_keeps_no_history_when_plots_are_off(small_trained):
+    cfg = quiet(SMALL, n_batches=300, keep_best=3, keep_last=4)
+    result = shp.run_experiment(cfg, trained=small_trained, console=print, keep_records=False)
+    assert result.log.records == [] and result.log.events == []
+    assert result.registry.saved > 300 and len(result.registry.snapshots) <= 1 + 3 + 4
