@@ -102,3 +102,19 @@ def test_dataset_matches_the_published_statistics(default_trained):
     assert (round(float(clean.mean()), 3), round(float(np.mean(clean < -1.5)), 3)) == (-0.377, 0.188)
     assert (round(float(drift.mean()), 3), round(float(np.mean(drift < -1.5)), 3)) == (-2.261, 0.774)
     assert default_trained.data.drift.y.mean() == pytest.approx(0.15)
+
+
+def test_adam_matches_torch_optim_adam_bit_for_bit():
+    torch.manual_seed(0)
+    ours_model, theirs_model = torch.nn.Linear(7, 3), torch.nn.Linear(7, 3)
+    theirs_model.load_state_dict(ours_model.state_dict())
+    ours = shp.Adam(ours_model.parameters(), lr=0.003)
+    theirs = torch.optim.Adam(theirs_model.parameters(), lr=0.003)
+    for _ in range(50):
+        x = torch.randn(16, 7)
+        for model, opt in ((ours_model, ours), (theirs_model, theirs)):
+            opt.zero_grad()
+            (model(x) ** 2).mean().backward()
+            opt.step()
+    for a, b in zip(ours_model.parameters(), theirs_model.parameters()):
+        assert torch.equal(a, b)
