@@ -54,7 +54,9 @@ def test_predictions_never_mix_two_published_versions(kind, small_trained):
     observed = set().union(*seen)
     assert len(published) > 900, "the heals did change the weights"
     assert len(observed) > 100, "predictions overlapped the heals"
-    assert observed <= published, f"{len(observed - published)} outputs match no published version"
+    strays = [np.frombuffer(o, dtype=np.float32) for o in observed - published]
+    nearest = [min(np.abs(x - np.frombuffer(p, dtype=np.float32)).max() for p in published) for x in strays]
+    assert not strays, f"{len(strays)} outputs match no published version; nearest differ by {nearest}"
 
 
 def _run_with(trained, tmp_path, batches=None, **overrides):

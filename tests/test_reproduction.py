@@ -115,7 +115,7 @@ def test_end_to_end_cli_writes_plots_and_exports(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"51/673/177/99\s+51/673/177/99\s+match", proc.stdout)
     plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
-    assert plots == sorted(shp.PLOT_FILES)
+    assert plots == sorted(shp.PLOTS)
     assert all((tmp_path / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
     assert sorted(p.name for p in (tmp_path / "monitoring_export").iterdir()) == \
         ["events.json", "metrics.csv", "threshold_config.json"]
