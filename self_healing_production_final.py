@@ -93,8 +93,8 @@ class Config:
     heal_worker: str = _flag("thread", "where heals run: thread (starts at once) or process (no "
                              "interpreter lock shared with inference; about 2 s to start)",
                              choices=("thread", "process"))
-    async_apply: bool = _flag(False, "publish a heal as soon as it finishes, not at the next batch "
-                              "boundary (timing-dependent, so not reproducible)")
+    async_apply: bool = _flag(False, "do not wait for a heal: serve on and apply it at the first batch "
+                              "boundary after it finishes (timing-dependent, so not reproducible)")
     heal_timeout: float = _flag(30.0, "seconds to wait for one heal before rejecting it")
     # registry, health and rollback
     rollback_f1_drop: float = _flag(0.08, "roll back when the window's mean F1 falls this far below baseline")
@@ -1219,6 +1219,8 @@ class RunResult:
             "f1_change": d["healed"].metrics.f1 - d["no_healing"].metrics.f1,
             "forgetting_pp": 100 * (self.clean_after.metrics.accuracy - self.clean_before.metrics.accuracy),
             "cost_change": d["healed"].cost - d["no_healing"].cost,
+            "heals": self.log.counts["heal"],
+            "rollbacks": self.log.counts["rollback"],
         }
 
 
@@ -1372,6 +1374,18 @@ def _table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
     return [fmt(header), fmt(["-" * w for w in widths])] + [fmt([str(c) for c in row]) for row in rows]
 
 
+def break_even_line(healed: Metrics, unhealed: Metrics, cfg: Config) -> str:
+    """At which false-alarm cost healing starts to pay, from the two models' counts."""
+    extra_misses, fewer_alarms = healed.fn - unhealed.fn, unhealed.fp - healed.fp
+    if fewer_alarms == 0:
+        return "Healing changed no false alarm: its cost depends on missed frauds alone."
+    price = cfg.fn_cost * extra_misses / fewer_alarms
+    side = "more" if fewer_alarms > 0 else "less"
+    return (f"On the drifted set, healing costs less than no healing only when a false alarm costs {side} than "
+            f"${price:,.0f} (it misses {extra_misses:+d} frauds and raises {-fewer_alarms:+d} false alarms, "
+            f"at ${cfg.fn_cost:,.0f} per missed fraud).")
+
+
 def report(result: RunResult) -> list[str]:
     r, cfg, log = result, result.cfg, result.log
     lines = ["", "Reproduction of the article's table (seed 42, default flags)"]
@@ -1382,10 +1396,10 @@ def report(result: RunResult) -> list[str]:
     matched = sum(row[3] == "match" for row in rows)
     lines.append(f"{matched} of {len(rows)} figures match the article.")
 
-    lines += ["", "What the numbers mean: every model on the drifted set (in-sample: the stream drew its labelled",
-              f"batches from these rows) and on a fresh drifted holdout the stream never saw "
-              f"({cfg.n_drift:,} rows each). Cost per 1,000 rows: ${cfg.fn_cost:,.0f} per missed fraud, "
-              f"${cfg.fp_cost:,.0f} per false alarm."]
+    lines += ["", "What the numbers mean: every model on the drifted set (in-sample: the stream drew its",
+              f"labelled batches from these rows) and on a fresh drifted holdout it never saw ({cfg.n_drift:,} rows "
+              f"each).", f"Cost per 1,000 rows at ${cfg.fn_cost:,.0f} per missed fraud and ${cfg.fp_cost:,.0f} "
+              f"per false alarm."]
     header = ["set", "model", "acc", "prec", "recall", "F1", "TP/TN/FP/FN", "ROC-AUC", "PR-AUC", "cost/1000"]
     rows = []
     for set_name, scored in (("drifted", r.drift_rows), ("holdout", r.holdout_rows)):
@@ -1410,6 +1424,7 @@ def report(result: RunResult) -> list[str]:
         f"Cost-optimal threshold for the healed model (chosen on the drifted set): {r.cost_threshold:.3f}; "
         f"on the holdout it costs {cost_per_1000(healed_at_t, cfg):,.0f} per 1,000 rows "
         f"(at 0.5: {r.holdout_rows['healed'].cost:,.0f}).",
+        break_even_line(r.drift_rows["healed"].metrics, r.drift_rows["no_healing"].metrics, cfg),
         f"Registry: {r.registry.saved} snapshots saved, {len(r.registry.snapshots)} retained "
         f"(clean, best {cfg.keep_best}, last {cfg.keep_last}). Events: " +
         ", ".join(f"{v} {k}" for k, v in log.counts.items()) + ".",
@@ -1686,8 +1701,9 @@ def make_plots(result: RunResult, directory: Path) -> list[Path]:
 
 # -- Seeds
 
-SWEEP_FIGURES = ("recovery_pp", "prequential_lift_pp", "holdout_accuracy", "holdout_auc", "f1_change",
-                 "forgetting_pp", "cost_change")
+# figure -> how it is printed
+SWEEP_FIGURES = {"recovery_pp": "+.1f", "prequential_lift_pp": "+.1f", "holdout_accuracy": ".3f",
+                 "holdout_auc": ".3f", "f1_change": "+.3f", "forgetting_pp": "+.1f", "cost_change": "+,.0f"}
 
 
 def _seed_summary(cfg: Config) -> dict:
@@ -1715,20 +1731,22 @@ def run_seeds(cfg: Config, console=print, workers: int = None) -> list[dict]:
     else:
         summaries = [_seed_summary(c) for c in configs]
     rows = []
-    for name in SWEEP_FIGURES:
+    for name, spec in SWEEP_FIGURES.items():
         values = np.array([s[name] for s in summaries])
         low, high = bootstrap_interval(values)
         sd = values.std(ddof=1) if len(values) > 1 else float("nan")
-        rows.append([name, f"{values.mean():+.3f}", _num(sd, ".3f", 0), f"[{low:+.3f}, {high:+.3f}]",
-                     f"{values.min():+.3f}", f"{values.max():+.3f}"])
+        rows.append([name, format(values.mean(), spec), _num(sd, spec.lstrip("+")),
+                     f"[{format(low, spec)}, {format(high, spec)}]", format(values.min(), spec),
+                     format(values.max(), spec)])
     console("")
-    console(f"Across {len(seeds)} seeds (pp = percentage points; cost per 1,000 rows; 95% bootstrap interval of the mean):")
+    console(f"Across {len(seeds)} seeds (pp = percentage points; cost per 1,000 rows; 95% bootstrap interval "
+            f"of the mean):")
     for line in _table(["figure", "mean", "sd", "95% interval", "min", "max"], rows, "<>>>>>"):
         console(line)
     directory = Path(cfg.out) / "monitoring_export"
     directory.mkdir(parents=True, exist_ok=True)
-    lines = [",".join(["seed", *SWEEP_FIGURES])]
-    lines += [",".join([str(s["seed"])] + [f"{s[n]:.6f}" for n in SWEEP_FIGURES]) for s in summaries]
+    columns = ["seed", *SWEEP_FIGURES, "heals", "rollbacks"]
+    lines = [",".join(columns)] + [",".join(_cell(s[c]) for c in columns) for s in summaries]
     write_atomic(directory / "seed_sweep.csv", "\n".join(lines) + "\n")
     console(f"Wrote {directory / 'seed_sweep.csv'}")
     if not cfg.no_plots:

@@ -164,7 +164,7 @@ def test_seed_sweep_writes_csv_and_prints_intervals(tmp_path):
     summaries = shp.run_seeds(cfg, console=lines.append, workers=2)
     assert [s["seed"] for s in summaries] == [3, 4, 5]
     text = (tmp_path / "monitoring_export" / "seed_sweep.csv").read_text()
-    assert text.splitlines()[0] == "seed," + ",".join(shp.SWEEP_FIGURES)
+    assert text.splitlines()[0] == ",".join(["seed", *shp.SWEEP_FIGURES, "heals", "rollbacks"])
     assert len(text.splitlines()) == 4
     assert any(line.startswith("recovery_pp") for line in lines)
     # the same seed alone gives the same figures as inside the sweep
