@@ -395,7 +395,7 @@ class Supervision:
         self._pending: deque = deque()
 
     def view(self, X: np.ndarray, labels: Callable[[], np.ndarray], rule: np.ndarray) -> Optional[HealBatch]:
-        # `labels` is a callable so that `rules` mode provably never touches them.
+        # `labels` is a callable, so that `rules` mode never reads them (a test checks).
         if self.mode == "rules":
             return HealBatch(X, rule, rule)
         if self.mode == "labels":
@@ -848,16 +848,16 @@ class BatchRecord:
     batch: int
     state: str
     action: str
-    z: float
-    conflicts: int
-    fraud_frac: float
-    pos_weight: float
-    served: Optional[Metrics]    # the model that answered this batch, before any heal on it
-    healed: Optional[Metrics]    # after this batch's heal, on this batch (the article's in-sample figure)
-    shadow: Optional[Metrics]
-    baseline: Optional[Metrics]
-    monitor_accuracy: Optional[float]  # what the health monitor saw (rule agreement in rules mode)
-    monitor_f1: Optional[float]
+    z: float = math.nan
+    conflicts: int = 0
+    fraud_frac: float = math.nan
+    pos_weight: float = math.nan
+    served: Optional[Metrics] = None    # the model that answered this batch, before any heal on it
+    healed: Optional[Metrics] = None    # after this batch's heal, on this batch (the article's in-sample figure)
+    shadow: Optional[Metrics] = None
+    baseline: Optional[Metrics] = None
+    monitor_accuracy: Optional[float] = None  # what the health monitor saw (rule agreement in rules mode)
+    monitor_f1: Optional[float] = None
     version_pre: Optional[int] = None
     version_post: Optional[int] = None
     restored_version: Optional[int] = None
@@ -998,8 +998,7 @@ class SelfHealingStream:
         if not np.isfinite(X).all():
             bad = int((~np.isfinite(X)).any(axis=1).sum())
             log.event("batch_quarantined", i, reason=f"{bad} rows with NaN or infinite features")
-            record = BatchRecord(i, "QUARANTINED", "quarantined", float("nan"), 0, float("nan"), float("nan"),
-                                 None, None, None, None, None, None)
+            record = BatchRecord(i, "QUARANTINED", "quarantined")
             log.record(record, drifting=False)
             return record
 
@@ -1014,9 +1013,8 @@ class SelfHealingStream:
         drifting = self.fidi.drifting(z)
         rule = rule_labels(X, cfg)
         n_conflicts = int(conflicts(rule, served_proba, cfg).sum())
-        state = "DRIFTING" if drifting else "HEALTHY"
-        record = BatchRecord(i, state, "none", z, n_conflicts, float("nan"), float("nan"),
-                             served, None, shadow, baseline, None, None)
+        record = BatchRecord(i, "DRIFTING" if drifting else "HEALTHY", "none", z, n_conflicts,
+                             served=served, shadow=shadow, baseline=baseline)
 
         view = self.supervision.view(X, lambda: y, rule)
         wants_heal = drifting or n_conflicts >= cfg.conflict_min
@@ -1067,8 +1065,7 @@ class SelfHealingStream:
     def _finish_async(self, i: int, wait: bool) -> None:
         batch, view, pre = self._pending
         self._pending = None
-        record = BatchRecord(batch, "HEALING", "heal", float("nan"), 0, float("nan"), float("nan"),
-                             None, None, None, None, None, None)
+        record = BatchRecord(batch, "HEALING", "heal")  # bookkeeping only: batch's own row is written
         try:
             result = self.healer.result(self.cfg.heal_timeout if wait else 0)
         except HealRejected as e:
