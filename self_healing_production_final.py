@@ -39,6 +39,8 @@ import torch.nn.functional as F
 
 V14 = 7  # column index of the drifting feature "V14"
 N_FEATURES = 10
+FRAUD_V14 = (-2.5, 0.8)  # mean and std of fraud rows' V14, which never drifts
+NORMAL_V14_STD = 1.0     # normal rows' V14: mean 0, or -drift_strength when drifted
 MIN_FIDI_ENTRIES = 3  # the article computes z only once the window holds 3 means
 MIN_HEALTH_ENTRIES = 3  # and judges health only on 3 or more entries
 SUPERVISION_MODES = ("labels", "rules", "delayed")
@@ -190,13 +192,17 @@ class Dataset:
     y: np.ndarray  # float32, (n,), 1 = fraud
 
 
+def normal_v14_mean(cfg: Config, drifted: bool) -> float:
+    return -cfg.drift_strength if drifted else 0.0
+
+
 def make_dataset(n: int, cfg: Config, rng: np.random.RandomState, drifted: bool) -> Dataset:
     """Draw n rows in the article's order: normal V14, normal rest, fraud V14, fraud rest, shuffle."""
     n_fraud = int(n * cfg.fraud_ratio)
     n_normal = n - n_fraud
-    v14_normal = rng.normal(-cfg.drift_strength if drifted else 0.0, 1.0, n_normal)
+    v14_normal = rng.normal(normal_v14_mean(cfg, drifted), NORMAL_V14_STD, n_normal)
     rest_normal = rng.randn(n_normal, N_FEATURES - 1)
-    v14_fraud = rng.normal(-2.5, 0.8, n_fraud)  # fraud itself never drifts
+    v14_fraud = rng.normal(*FRAUD_V14, n_fraud)
     rest_fraud = rng.randn(n_fraud, N_FEATURES - 1)
 
     def assemble(v14, rest):
@@ -801,7 +807,7 @@ def _normal_pdf(v, loc, scale):
 def class_densities(v: np.ndarray, cfg: Config, drifted: bool):
     """The generator's V14 densities of normal and fraud rows. The other nine features
     have the same distribution in both classes, so V14 alone decides."""
-    return (_normal_pdf(v, -cfg.drift_strength if drifted else 0.0, 1.0), _normal_pdf(v, -2.5, 0.8))
+    return _normal_pdf(v, normal_v14_mean(cfg, drifted), NORMAL_V14_STD), _normal_pdf(v, *FRAUD_V14)
 
 
 def fraud_prior(n: int, cfg: Config) -> float:
@@ -817,8 +823,8 @@ def bayes_posterior(X: np.ndarray, cfg: Config, drifted: bool, prior: float) -> 
 def v14_threshold_auc(cfg: Config, drifted: bool) -> float:
     """ROC-AUC of the best score monotone in V14 (a threshold rule on V14, like the
     symbolic rule, in whichever direction is better), in closed form."""
-    gap = (-cfg.drift_strength if drifted else 0.0) - (-2.5)
-    auc = 0.5 * (1 + math.erf(gap / math.sqrt(1.0 ** 2 + 0.8 ** 2) / math.sqrt(2)))
+    gap = normal_v14_mean(cfg, drifted) - FRAUD_V14[0]
+    auc = 0.5 * (1 + math.erf(gap / math.hypot(NORMAL_V14_STD, FRAUD_V14[1]) / math.sqrt(2)))
     return max(auc, 1 - auc)
 
 
@@ -828,8 +834,8 @@ def bayes_limits(cfg: Config, drifted: bool, prior: float) -> tuple[float, float
     Accuracy: the integral of max(prior * f_fraud, (1 - prior) * f_normal).
     AUC: the ROC of the likelihood ratio, the best score there is (Neyman-Pearson).
     """
-    loc = -cfg.drift_strength if drifted else 0.0
-    v = np.linspace(min(loc, -2.5) - 12, max(loc, -2.5) + 12, 400_001)
+    low, high = sorted((normal_v14_mean(cfg, drifted), FRAUD_V14[0]))
+    v = np.linspace(low - 12, high + 12, 400_001)  # 12 standard deviations beyond both means
     dv = v[1] - v[0]
     normal, fraud = class_densities(v, cfg, drifted)
     accuracy = float(np.sum(np.maximum(prior * fraud, (1 - prior) * normal)) * dv)
@@ -929,11 +935,12 @@ class StreamLog:
     """Collects batch records and events; keeps them in memory only when asked
     (plots need them) and otherwise hands them straight to the exporters."""
 
-    def __init__(self, keep: bool, on_record: Callable = None, on_event: Callable = None):
+    def __init__(self, keep: bool):
         self.keep = keep
         self.records: list[BatchRecord] = []
         self.events: list[dict] = []
-        self.on_record, self.on_event = on_record, on_event
+        self.record_listeners: list[Callable[[BatchRecord], None]] = []  # the exporter, the console
+        self.event_listeners: list[Callable[[dict], None]] = []
         self.counts = {"heal": 0, "rollback": 0, "heal_failed": 0, "batch_quarantined": 0}
         # Running aggregates, so that a summary needs no per-batch history.
         self.lift = RunningStats()
@@ -949,16 +956,16 @@ class StreamLog:
         self.prequential_f1.add(r.prequential_f1_lift)
         if self.keep:
             self.records.append(r)
-        if self.on_record:
-            self.on_record(r)
+        for listener in self.record_listeners:
+            listener(r)
 
     def event(self, kind: str, batch: int, **details) -> None:
         self.counts[kind] += 1
         entry = {"type": kind, "batch": batch, "time": now_iso(), **details}
         if self.keep:
             self.events.append(entry)
-        if self.on_event:
-            self.on_event(entry)
+        for listener in self.event_listeners:
+            listener(entry)
 
 
 
@@ -1256,23 +1263,25 @@ def run_experiment(cfg: Config, trained: Trained = None, batches: Iterable = Non
     fidi = FIDIMonitor(data.train.X[:, V14], cfg.fidi_window, cfg.fidi_threshold)
 
     exporter = Exporter(export_dir, cfg) if export_dir is not None else None
-    log = StreamLog(keep=keep_records, on_record=_chain(exporter and exporter.write_record, None if cfg.quiet else
-                                                        _batch_printer(console)),
-                    on_event=exporter and exporter.write_event)
+    log = StreamLog(keep_records)
+    if exporter:
+        log.record_listeners.append(exporter.write_record)
+        log.event_listeners.append(exporter.write_event)
+    if not cfg.quiet:
+        log.record_listeners.append(_batch_printer(console))
+        console(BATCH_HEADER)
     try:
         stream = SelfHealingStream(model, shadow, baseline, fidi, cfg, log)
-        if not cfg.quiet:
-            console(BATCH_HEADER)
         stream.run(batches if batches is not None else drifted_batches(data.drift, cfg, rng))
 
-        healed_drift = predict_proba(model, data.drift.X)
-        drift_rows = evaluate(cfg, data.drift, {
-            "no_healing": predict_proba(baseline, data.drift.X), "shadow": predict_proba(shadow, data.drift.X),
-            "healed": healed_drift, "never_healed": never_healed["drift"]})
-        holdout_rows = evaluate(cfg, data.holdout, {
-            "no_healing": predict_proba(baseline, data.holdout.X), "shadow": predict_proba(shadow, data.holdout.X),
-            "healed": predict_proba(model, data.holdout.X), "never_healed": never_healed["holdout"]})
-        threshold = cost_optimal_threshold(data.drift.y, healed_drift, cfg)
+        def scores(name: str, ds: Dataset) -> dict:
+            models = {"no_healing": baseline, "shadow": shadow, "healed": model}
+            return {**{k: predict_proba(m, ds.X) for k, m in models.items()}, "never_healed": never_healed[name]}
+
+        drift_scores = scores("drift", data.drift)
+        drift_rows = evaluate(cfg, data.drift, drift_scores)
+        holdout_rows = evaluate(cfg, data.holdout, scores("holdout", data.holdout))
+        threshold = cost_optimal_threshold(data.drift.y, drift_scores["healed"], cfg)
         bayes_accuracy, bayes_auc = bayes_limits(cfg, True, fraud_prior(cfg.n_drift, cfg))
         result = RunResult(cfg, data, fidi.mu, fidi.sigma, drift_rows, holdout_rows, clean_before,
                            score("clean", data.test.y, predict_proba(model, data.test.X), cfg),
@@ -1284,11 +1293,6 @@ def run_experiment(cfg: Config, trained: Trained = None, batches: Iterable = Non
             exporter.abort()
         raise
     return result
-
-
-def _chain(*functions):
-    functions = [f for f in functions if f]
-    return (lambda *a: [f(*a) for f in functions]) if functions else None
 
 
 # -- Report
@@ -1346,15 +1350,15 @@ def article_comparison(result: RunResult) -> list[tuple[str, str, str]]:
         ("Mean lift (in-sample)", "+22.3 pp", f"{100 * lift.mean:+.1f} pp" if lift.n else "-"),
         ("FIDI mu, sigma", "-0.363, 1.323", f"{r.fidi_mu:.3f}, {r.fidi_sigma:.3f}"),
         ("z first above threshold", "batch 3", f"batch {log.first_drift_batch}" if log.first_drift_batch else "never"),
-        ("Clean test V14: mean, share < -1.5", "-0.377, 18.8%", _v14_stats(r.data.test)),
-        ("Drifted V14: mean, share < -1.5", "-2.261, 77.4%", _v14_stats(r.data.drift)),
+        (f"Clean test V14: mean, share < {r.cfg.rule_threshold:g}", "-0.377, 18.8%", _v14_stats(r.data.test, r.cfg)),
+        (f"Drifted V14: mean, share < {r.cfg.rule_threshold:g}", "-2.261, 77.4%", _v14_stats(r.data.drift, r.cfg)),
     ]
     return rows
 
 
-def _v14_stats(ds: Dataset) -> str:
+def _v14_stats(ds: Dataset, cfg: Config) -> str:
     v = ds.X[:, V14]
-    return f"{v.mean():.3f}, {100 * np.mean(v < -1.5):.1f}%"
+    return f"{v.mean():.3f}, {100 * np.mean(v < cfg.rule_threshold):.1f}%"
 
 
 def is_default_experiment(cfg: Config) -> bool:
@@ -1811,15 +1815,26 @@ def main(argv: list[str] = None) -> int:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise PermissionError(13, "not writable")
     except ConfigError as e:
         print(f"self_healing_production_final.py: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"self_healing_production_final.py: error: cannot create --out {cfg.out}: {e.strerror}", file=sys.stderr)
+        print(f"self_healing_production_final.py: error: cannot write to --out {cfg.out}: {e.strerror}",
+              file=sys.stderr)
         return 2
     # Tensors here are small: one thread per process is fastest, and leaves the
     # other cores to the work that runs beside it (baseline training, plots).
     torch.set_num_threads(1)
+    try:
+        return run(cfg, out)
+    except KeyboardInterrupt:
+        print("\nInterrupted: exports and plots already in place are left as they were.", file=sys.stderr)
+        return 130
+
+
+def run(cfg: Config, out: Path) -> int:
     if cfg.seeds > 1:
         run_seeds(cfg)
         return 0
