@@ -44,6 +44,7 @@ NORMAL_V14_STD = 1.0     # normal rows' V14: mean 0, or -drift_strength when dri
 MIN_FIDI_ENTRIES = 3  # the article computes z only once the window holds 3 means
 MIN_HEALTH_ENTRIES = 3  # and judges health only on 3 or more entries
 SUPERVISION_MODES = ("labels", "rules", "delayed")
+HEAL_WORKERS = ("thread", "process")
 STATES = ("HEALTHY", "DRIFTING", "HEALING", "ROLLED_BACK")
 
 
@@ -94,7 +95,7 @@ class Config:
     label_delay: int = _flag(3, "K for --supervision delayed: batch i's labels usable from batch i+K")
     heal_worker: str = _flag("thread", "where heals run: thread (starts at once) or process (no "
                              "interpreter lock shared with inference; about 2 s to start)",
-                             choices=("thread", "process"))
+                             choices=HEAL_WORKERS)
     async_apply: bool = _flag(False, "do not wait for a heal: serve on and apply it at the first batch "
                               "boundary after it finishes (timing-dependent, so not reproducible)")
     heal_timeout: float = _flag(30.0, "seconds to wait for one heal before rejecting it")
@@ -142,7 +143,7 @@ def validate(cfg: Config) -> Config:
     check(cfg.lr > 0, "lr", "positive")
     check(cfg.heal_lr > 0, "heal_lr", "positive")
     check(cfg.heal_timeout > 0, "heal_timeout", "positive")
-    check(cfg.heal_worker in ("thread", "process"), "heal_worker", "thread or process")
+    check(cfg.heal_worker in HEAL_WORKERS, "heal_worker", f"one of {', '.join(HEAL_WORKERS)}")
     check(cfg.supervision in SUPERVISION_MODES, "supervision", f"one of {', '.join(SUPERVISION_MODES)}")
     for name in ("n_train", "n_test", "n_drift"):
         n = getattr(cfg, name)
@@ -630,7 +631,7 @@ class ProcessHealer:
         self.process = self.conn = None
 
 
-HEALERS = {"thread": ThreadHealer, "process": ProcessHealer}
+HEALERS = dict(zip(HEAL_WORKERS, (ThreadHealer, ProcessHealer)))
 
 
 # -- Registry and rollback
@@ -1363,7 +1364,8 @@ def _v14_stats(ds: Dataset, cfg: Config) -> str:
 
 def is_default_experiment(cfg: Config) -> bool:
     """True when every flag that shapes the article's numbers is at its default."""
-    ignored = {"out", "no_plots", "quiet", "seeds", "fn_cost", "fp_cost", "heal_timeout", "keep_best", "keep_last"}
+    ignored = {"out", "no_plots", "quiet", "seeds", "fn_cost", "fp_cost", "heal_timeout", "heal_worker",
+               "keep_best", "keep_last"}
     default = Config()
     return all(getattr(cfg, f.name) == getattr(default, f.name) for f in dataclasses.fields(cfg) if f.name not in ignored)
 
