@@ -717,136 +717,6 @@ class HealthMonitor:
         self.updates = 0
 
 
-# -- Evaluation
-
-@dataclass(frozen=True)
-class Metrics:
-    accuracy: float
-    precision: float
-    recall: float
-    f1: float
-    tp: int
-    tn: int
-    fp: int
-    fn: int
-
-    @property
-    def counts(self) -> str:
-        return f"{self.tp}/{self.tn}/{self.fp}/{self.fn}"
-
-
-def classify(y: np.ndarray, predicted: np.ndarray) -> Metrics:
-    """Confusion counts and the article's metrics, each denominator guarded by 1e-8."""
-    y, predicted = y.astype(bool), predicted.astype(bool)
-    tp, tn = int(np.sum(predicted & y)), int(np.sum(~predicted & ~y))
-    fp, fn = int(np.sum(predicted & ~y)), int(np.sum(~predicted & y))
-    precision = tp / (tp + fp + 1e-8)
-    recall = tp / (tp + fn + 1e-8)
-    f1 = 2 * precision * recall / (precision + recall + 1e-8)
-    return Metrics((tp + tn) / len(y), precision, recall, f1, tp, tn, fp, fn)
-
-
-def metrics_at(y: np.ndarray, proba: np.ndarray, threshold: float = 0.5) -> Metrics:
-    return classify(y, proba > threshold)
-
-
-def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
-    """P(score of a random fraud > score of a random normal), ties counted half (Mann-Whitney)."""
-    y = y.astype(bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    _, inverse, counts = np.unique(score, return_inverse=True, return_counts=True)
-    mid_ranks = np.cumsum(counts) - (counts - 1) / 2.0  # average 1-based rank of each tie group
-    ranks = mid_ranks[inverse]
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def pr_auc(y: np.ndarray, score: np.ndarray) -> float:
-    """Average precision: precision at each distinct threshold, weighted by the recall it adds."""
-    y = y.astype(bool)
-    n_pos = int(y.sum())
-    if n_pos == 0:
-        return float("nan")
-    values, inverse = np.unique(-score, return_inverse=True)  # ascending -score: descending score
-    tp = np.cumsum(np.bincount(inverse, weights=y, minlength=len(values)))
-    seen = np.cumsum(np.bincount(inverse, minlength=len(values)))
-    recall_gain = np.diff(np.concatenate([[0.0], tp])) / n_pos
-    return float(np.sum(recall_gain * tp / seen))
-
-
-def cost_per_1000(m: Metrics, cfg: Config) -> float:
-    return (m.fn * cfg.fn_cost + m.fp * cfg.fp_cost) / (m.tp + m.tn + m.fp + m.fn) * 1000
-
-
-def cost_optimal_threshold(y: np.ndarray, score: np.ndarray, cfg: Config) -> float:
-    """The threshold (predict fraud when score > t) with the lowest cost on (y, score)."""
-    candidates = np.concatenate([[-np.inf], np.unique(score)])
-    costs = [cost_per_1000(metrics_at(y, score, t), cfg) for t in candidates]
-    return float(candidates[int(np.argmin(costs))])
-
-
-@dataclass(frozen=True)
-class Scored:
-    """One model on one set: the metrics at 0.5, threshold-free AUCs and cost."""
-    name: str
-    metrics: Metrics
-    roc_auc: float
-    pr_auc: float
-    cost: float
-
-
-def score(name: str, y: np.ndarray, proba: np.ndarray, cfg: Config, threshold: float = 0.5) -> Scored:
-    m = metrics_at(y, proba, threshold)
-    return Scored(name, m, roc_auc(y, proba), pr_auc(y, proba), cost_per_1000(m, cfg))
-
-
-def _normal_pdf(v, loc, scale):
-    return np.exp(-0.5 * ((v - loc) / scale) ** 2) / (scale * math.sqrt(2 * math.pi))
-
-
-def class_densities(v: np.ndarray, cfg: Config, drifted: bool):
-    """The generator's V14 densities of normal and fraud rows. The other nine features
-    have the same distribution in both classes, so V14 alone decides."""
-    return _normal_pdf(v, normal_v14_mean(cfg, drifted), NORMAL_V14_STD), _normal_pdf(v, *FRAUD_V14)
-
-
-def fraud_prior(n: int, cfg: Config) -> float:
-    return int(n * cfg.fraud_ratio) / n
-
-
-def bayes_posterior(X: np.ndarray, cfg: Config, drifted: bool, prior: float) -> np.ndarray:
-    """P(fraud | row) from the generator's known class densities."""
-    normal, fraud = class_densities(X[:, V14].astype(np.float64), cfg, drifted)
-    return prior * fraud / (prior * fraud + (1 - prior) * normal)
-
-
-def v14_threshold_auc(cfg: Config, drifted: bool) -> float:
-    """ROC-AUC of the best score monotone in V14 (a threshold rule on V14, like the
-    symbolic rule, in whichever direction is better), in closed form."""
-    gap = normal_v14_mean(cfg, drifted) - FRAUD_V14[0]
-    auc = 0.5 * (1 + math.erf(gap / math.hypot(NORMAL_V14_STD, FRAUD_V14[1]) / math.sqrt(2)))
-    return max(auc, 1 - auc)
-
-
-def bayes_limits(cfg: Config, drifted: bool, prior: float) -> tuple[float, float]:
-    """Best achievable accuracy and ROC-AUC, integrated on a fine V14 grid.
-
-    Accuracy: the integral of max(prior * f_fraud, (1 - prior) * f_normal).
-    AUC: the ROC of the likelihood ratio, the best score there is (Neyman-Pearson).
-    """
-    low, high = sorted((normal_v14_mean(cfg, drifted), FRAUD_V14[0]))
-    v = np.linspace(low - 12, high + 12, 400_001)  # 12 standard deviations beyond both means
-    dv = v[1] - v[0]
-    normal, fraud = class_densities(v, cfg, drifted)
-    accuracy = float(np.sum(np.maximum(prior * fraud, (1 - prior) * normal)) * dv)
-    order = np.argsort(-(np.log(fraud) - np.log(normal)), kind="stable")
-    tpr_steps, fpr_steps = fraud[order] * dv, normal[order] * dv
-    tpr_before = np.cumsum(tpr_steps) - tpr_steps
-    auc = float(np.sum(fpr_steps * (tpr_before + tpr_steps / 2)) / (tpr_steps.sum() * fpr_steps.sum()))
-    return accuracy, auc
-
-
 # -- Stream
 
 @dataclass
@@ -1118,6 +988,136 @@ class SelfHealingStream:
     def _monitor(self, record, m: Metrics, post_heal: bool) -> None:
         self.health.record(m.accuracy, m.f1, post_heal)
         record.monitor_accuracy, record.monitor_f1 = m.accuracy, m.f1
+
+
+# -- Evaluation
+
+@dataclass(frozen=True)
+class Metrics:
+    accuracy: float
+    precision: float
+    recall: float
+    f1: float
+    tp: int
+    tn: int
+    fp: int
+    fn: int
+
+    @property
+    def counts(self) -> str:
+        return f"{self.tp}/{self.tn}/{self.fp}/{self.fn}"
+
+
+def classify(y: np.ndarray, predicted: np.ndarray) -> Metrics:
+    """Confusion counts and the article's metrics, each denominator guarded by 1e-8."""
+    y, predicted = y.astype(bool), predicted.astype(bool)
+    tp, tn = int(np.sum(predicted & y)), int(np.sum(~predicted & ~y))
+    fp, fn = int(np.sum(predicted & ~y)), int(np.sum(~predicted & y))
+    precision = tp / (tp + fp + 1e-8)
+    recall = tp / (tp + fn + 1e-8)
+    f1 = 2 * precision * recall / (precision + recall + 1e-8)
+    return Metrics((tp + tn) / len(y), precision, recall, f1, tp, tn, fp, fn)
+
+
+def metrics_at(y: np.ndarray, proba: np.ndarray, threshold: float = 0.5) -> Metrics:
+    return classify(y, proba > threshold)
+
+
+def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
+    """P(score of a random fraud > score of a random normal), ties counted half (Mann-Whitney)."""
+    y = y.astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(score, return_inverse=True, return_counts=True)
+    mid_ranks = np.cumsum(counts) - (counts - 1) / 2.0  # average 1-based rank of each tie group
+    ranks = mid_ranks[inverse]
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def pr_auc(y: np.ndarray, score: np.ndarray) -> float:
+    """Average precision: precision at each distinct threshold, weighted by the recall it adds."""
+    y = y.astype(bool)
+    n_pos = int(y.sum())
+    if n_pos == 0:
+        return float("nan")
+    values, inverse = np.unique(-score, return_inverse=True)  # ascending -score: descending score
+    tp = np.cumsum(np.bincount(inverse, weights=y, minlength=len(values)))
+    seen = np.cumsum(np.bincount(inverse, minlength=len(values)))
+    recall_gain = np.diff(np.concatenate([[0.0], tp])) / n_pos
+    return float(np.sum(recall_gain * tp / seen))
+
+
+def cost_per_1000(m: Metrics, cfg: Config) -> float:
+    return (m.fn * cfg.fn_cost + m.fp * cfg.fp_cost) / (m.tp + m.tn + m.fp + m.fn) * 1000
+
+
+def cost_optimal_threshold(y: np.ndarray, score: np.ndarray, cfg: Config) -> float:
+    """The threshold (predict fraud when score > t) with the lowest cost on (y, score)."""
+    candidates = np.concatenate([[-np.inf], np.unique(score)])
+    costs = [cost_per_1000(metrics_at(y, score, t), cfg) for t in candidates]
+    return float(candidates[int(np.argmin(costs))])
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One model on one set: the metrics at 0.5, threshold-free AUCs and cost."""
+    name: str
+    metrics: Metrics
+    roc_auc: float
+    pr_auc: float
+    cost: float
+
+
+def score(name: str, y: np.ndarray, proba: np.ndarray, cfg: Config, threshold: float = 0.5) -> Scored:
+    m = metrics_at(y, proba, threshold)
+    return Scored(name, m, roc_auc(y, proba), pr_auc(y, proba), cost_per_1000(m, cfg))
+
+
+def _normal_pdf(v, loc, scale):
+    return np.exp(-0.5 * ((v - loc) / scale) ** 2) / (scale * math.sqrt(2 * math.pi))
+
+
+def class_densities(v: np.ndarray, cfg: Config, drifted: bool):
+    """The generator's V14 densities of normal and fraud rows. The other nine features
+    have the same distribution in both classes, so V14 alone decides."""
+    return _normal_pdf(v, normal_v14_mean(cfg, drifted), NORMAL_V14_STD), _normal_pdf(v, *FRAUD_V14)
+
+
+def fraud_prior(n: int, cfg: Config) -> float:
+    return int(n * cfg.fraud_ratio) / n
+
+
+def bayes_posterior(X: np.ndarray, cfg: Config, drifted: bool, prior: float) -> np.ndarray:
+    """P(fraud | row) from the generator's known class densities."""
+    normal, fraud = class_densities(X[:, V14].astype(np.float64), cfg, drifted)
+    return prior * fraud / (prior * fraud + (1 - prior) * normal)
+
+
+def v14_threshold_auc(cfg: Config, drifted: bool) -> float:
+    """ROC-AUC of the best score monotone in V14 (a threshold rule on V14, like the
+    symbolic rule, in whichever direction is better), in closed form."""
+    gap = normal_v14_mean(cfg, drifted) - FRAUD_V14[0]
+    auc = 0.5 * (1 + math.erf(gap / math.hypot(NORMAL_V14_STD, FRAUD_V14[1]) / math.sqrt(2)))
+    return max(auc, 1 - auc)
+
+
+def bayes_limits(cfg: Config, drifted: bool, prior: float) -> tuple[float, float]:
+    """Best achievable accuracy and ROC-AUC, integrated on a fine V14 grid.
+
+    Accuracy: the integral of max(prior * f_fraud, (1 - prior) * f_normal).
+    AUC: the ROC of the likelihood ratio, the best score there is (Neyman-Pearson).
+    """
+    low, high = sorted((normal_v14_mean(cfg, drifted), FRAUD_V14[0]))
+    v = np.linspace(low - 12, high + 12, 400_001)  # 12 standard deviations beyond both means
+    dv = v[1] - v[0]
+    normal, fraud = class_densities(v, cfg, drifted)
+    accuracy = float(np.sum(np.maximum(prior * fraud, (1 - prior) * normal)) * dv)
+    order = np.argsort(-(np.log(fraud) - np.log(normal)), kind="stable")
+    tpr_steps, fpr_steps = fraud[order] * dv, normal[order] * dv
+    tpr_before = np.cumsum(tpr_steps) - tpr_steps
+    auc = float(np.sum(fpr_steps * (tpr_before + tpr_steps / 2)) / (tpr_steps.sum() * fpr_steps.sum()))
+    return accuracy, auc
 
 
 # -- Experiment
@@ -1773,7 +1773,7 @@ def _plot_seeds(summaries: list[dict], directory: Path) -> None:
     save_figure(plt, fig, directory / "seed_sweep.png")
 
 
-# -- Cli
+# -- CLI
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
