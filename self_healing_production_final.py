@@ -338,6 +338,17 @@ def train(model: nn.Module, data: Dataset, cfg: Config, orders: list) -> None:
             optimizer.step()
 
 
+def to_arrays(state: dict) -> dict:
+    """A state dict as numpy copies, to send to another process. Tensors sent there go
+    by shared memory: torch moves their storage in place, under the feet of any thread
+    computing with them, and it costs milliseconds; numpy copies go as plain bytes."""
+    return {k: v.detach().numpy().copy() for k, v in state.items()}
+
+
+def from_arrays(arrays: dict) -> dict:
+    return {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+
 def predict_proba(model: nn.Module, X: np.ndarray) -> np.ndarray:
     with torch.inference_mode():
         return model(torch.from_numpy(X)).squeeze(1).numpy()
@@ -531,18 +542,11 @@ class ThreadHealer:
         self.future = None
 
 
-def _to_arrays(state: dict) -> dict:
-    # Tensors sent to another process go by shared memory: torch moves their storage
-    # there in place, under the feet of any thread computing with them, and it costs
-    # milliseconds. numpy copies go as plain bytes, in microseconds.
-    return {k: v.detach().numpy().copy() for k, v in state.items()}
-
-
 def _heal_worker(conn, model_arrays: dict, cfg: Config) -> None:
     """The worker process's loop: heal or restore on request, reply with the outcome."""
     torch.set_num_threads(1)  # one core heals, the others serve
     model = SelfHealingMLP(cfg.hidden_dim)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in model_arrays.items()})
+    model.load_state_dict(from_arrays(model_arrays))
     model.freeze_backbone_and_head()
     trainer = AdapterTrainer(model.backbone, model.head, model.reflexive, cfg)
     while True:
@@ -550,11 +554,11 @@ def _heal_worker(conn, model_arrays: dict, cfg: Config) -> None:
         if message[0] == "heal":
             try:
                 result = trainer.heal(*message[1:])
-                conn.send(("ok", (_to_arrays(result.layer.state_dict()), result.losses, result.seconds)))
+                conn.send(("ok", (to_arrays(result.layer.state_dict()), result.losses, result.seconds)))
             except Exception as e:
                 conn.send(("error", e if isinstance(e, HealRejected) else f"heal raised {type(e).__name__}: {e}"))
         elif message[0] == "restore":
-            trainer.restore({k: torch.from_numpy(v) for k, v in message[1].items()})
+            trainer.restore(from_arrays(message[1]))
         else:
             return
 
@@ -575,7 +579,7 @@ class ProcessHealer:
         context = multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_heal_worker, daemon=True, name="heal-worker",
-                                       args=(child, _to_arrays(self.model.state_dict()), self.cfg))
+                                       args=(child, to_arrays(self.model.state_dict()), self.cfg))
         self.process.start()
         child.close()
 
@@ -602,12 +606,12 @@ class ProcessHealer:
             raise payload if isinstance(payload, HealRejected) else HealRejected(payload)
         arrays, losses, seconds = payload
         layer = copy.deepcopy(self.model.reflexive)  # a new object to serve, built from the arrays
-        layer.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
+        layer.load_state_dict(from_arrays(arrays))
         return HealResult(layer, losses, seconds)
 
     def restore(self, state: dict) -> None:
         if self.process is not None:  # applied before the next heal: the pipe keeps order
-            self.conn.send(("restore", _to_arrays(state)))
+            self.conn.send(("restore", to_arrays(state)))
 
     def abandon(self) -> None:
         """Kill the worker; the next heal starts a new one from the served weights."""
@@ -1167,7 +1171,7 @@ class Forked:
 
 def _train_to_arrays(model: nn.Module, data: Dataset, cfg: Config, orders: list) -> dict:
     train(model, data, cfg, orders)
-    return {k: v.numpy() for k, v in model.state_dict().items()}
+    return to_arrays(model.state_dict())
 
 
 def prepare(cfg: Config, parallel: bool = False) -> Trained:
@@ -1185,7 +1189,7 @@ def prepare(cfg: Config, parallel: bool = False) -> Trained:
     if parallel:
         trained_baseline = Forked(_train_to_arrays, baseline, data.train, cfg, baseline_orders)
         train(model, data.train, cfg, model_orders)
-        baseline.load_state_dict({k: torch.from_numpy(v) for k, v in trained_baseline.result().items()})
+        baseline.load_state_dict(from_arrays(trained_baseline.result()))
     else:
         train(model, data.train, cfg, model_orders)
         train(baseline, data.train, cfg, baseline_orders)
