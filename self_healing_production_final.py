@@ -11,6 +11,10 @@ With default flags it reproduces the article's table exactly (torch 2.13, CPU).
 Beside every headline it prints the honest twin: prequential lift, a fresh
 holdout, trivial and Bayes-optimal references, costs and forgetting.
 
+The file reads in six parts. Part I is the article itself and can be read alone;
+II measures it honestly; III is the production heal engine; IV the console
+table, exports and plots; V the speed work; VI the command line.
+
 Run `python self_healing_production_final.py --help` for every knob.
 """
 from __future__ import annotations
@@ -23,6 +27,7 @@ import datetime
 import json
 import math
 import os
+import secrets
 import sys
 import threading
 import time
@@ -37,6 +42,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
+# Part I. The article
+#
+# The experiment as the article runs it, in the order the data flows: configuration,
+# data, models, training, metrics, detection, healing, registry and health, the stream,
+# and the experiment that ties them together. Read alone, it is the whole article.
+# It uses only what it defines, except where a comment names a later part.
+
 V14 = 7  # column index of the drifting feature "V14"
 N_FEATURES = 10
 FRAUD_V14 = (-2.5, 0.8)  # mean and std of fraud rows' V14, which never drifts
@@ -45,14 +58,37 @@ MIN_FIDI_ENTRIES = 3  # the article computes z only once the window holds 3 mean
 MIN_HEALTH_ENTRIES = 3  # and judges health only on 3 or more entries
 SUPERVISION_MODES = ("labels", "rules", "delayed")
 HEAL_WORKERS = ("thread", "process")
-STATES = ("HEALTHY", "DRIFTING", "HEALING", "ROLLED_BACK")
+STATES = ("HEALTHY", "DRIFTING", "HEALING", "ROLLED_BACK", "QUARANTINED")
 
 
-# -- Config
+# -- Configuration
 
-def _flag(default, help, **extra):
-    """A config field that becomes one command-line flag."""
-    return field(default=default, metadata={"help": help, **extra})
+@dataclass(frozen=True)
+class Check:
+    """A flag's validation rule: a test on its value and the words that name it."""
+    ok: Callable[[object], bool]
+    words: str
+
+
+def at_least(low) -> Check:
+    return Check(lambda v: v >= low, f"at least {low}")
+
+
+POSITIVE = Check(lambda v: v > 0, "positive")
+SHARE = Check(lambda v: 0 < v < 1, "between 0 and 1 (exclusive)")
+WEIGHT = Check(lambda v: 0 <= v <= 1, "between 0 and 1")
+
+
+def _flag(default, help, check: Check = None, choices: tuple = None, threshold: bool = False,
+          shapes_numbers: bool = True):
+    """A config field that becomes one command-line flag.
+
+    check:          the rule its value must pass (Part VI applies it);
+    threshold:      written to threshold_config.json and read back by --thresholds;
+    shapes_numbers: False for flags that cannot change the article's figures.
+    """
+    return field(default=default, metadata=dict(help=help, check=check, choices=choices, threshold=threshold,
+                                                 shapes_numbers=shapes_numbers))
 
 
 @dataclass(frozen=True)
@@ -60,129 +96,61 @@ class Config:
     """The whole configuration. Each field is a kebab-case command-line flag."""
 
     # run
-    seed: int = _flag(42, "seed of numpy's and torch's streams")
-    out: str = _flag(".", "directory that receives plots/ and monitoring_export/")
-    no_plots: bool = _flag(False, "skip the 8 plots")
-    quiet: bool = _flag(False, "do not print the per-batch table")
-    seeds: int = _flag(1, "run this many seeds (seed, seed+1, ...) and print their spread")
+    seed: int = _flag(42, "seed of numpy's and torch's streams", at_least(0))
+    out: str = _flag(".", "directory that receives plots/ and monitoring_export/", shapes_numbers=False)
+    no_plots: bool = _flag(False, "skip the 8 plots", shapes_numbers=False)
+    quiet: bool = _flag(False, "do not print the per-batch table", shapes_numbers=False)
+    seeds: int = _flag(1, "run this many seeds (seed, seed+1, ...) and print their spread", at_least(1),
+                       shapes_numbers=False)
     # data
-    n_train: int = _flag(5000, "training rows (clean)")
-    n_test: int = _flag(1000, "clean test rows")
-    n_drift: int = _flag(1000, "drifted rows the stream samples from")
-    fraud_ratio: float = _flag(0.15, "share of fraud rows in every set, in (0, 1)")
+    n_train: int = _flag(5000, "training rows (clean)", at_least(1))
+    n_test: int = _flag(1000, "clean test rows", at_least(1))
+    n_drift: int = _flag(1000, "drifted rows the stream samples from", at_least(1))
+    fraud_ratio: float = _flag(0.15, "share of fraud rows in every set, in (0, 1)", SHARE)
     drift_strength: float = _flag(2.2, "shift of normal rows' V14 mean in the drifted set")
     # model and training
-    hidden_dim: int = _flag(64, "width of the hidden layers")
-    epochs: int = _flag(20, "training epochs")
-    batch_size: int = _flag(100, "rows per training batch and per stream batch")
-    lr: float = _flag(1e-3, "Adam learning rate for training")
+    hidden_dim: int = _flag(64, "width of the hidden layers", at_least(1))
+    epochs: int = _flag(20, "training epochs", at_least(1))
+    batch_size: int = _flag(100, "rows per training batch and per stream batch", at_least(1))
+    lr: float = _flag(1e-3, "Adam learning rate for training", POSITIVE)
     # detection
-    fidi_window: int = _flag(10, "batch means in the FIDI window (z needs 3 of them)")
-    fidi_threshold: float = _flag(1.0, "drifting when the FIDI z-score exceeds this")
-    rule_threshold: float = _flag(-1.5, "the symbolic rule calls a row fraud when V14 < this")
-    conflict_thr: float = _flag(0.30, "a conflict: rule says fraud, model probability below this")
-    conflict_min: int = _flag(5, "heal when a batch has at least this many conflicts")
+    fidi_window: int = _flag(10, "batch means in the FIDI window (z needs 3 of them)", at_least(1), threshold=True)
+    fidi_threshold: float = _flag(1.0, "drifting when the FIDI z-score exceeds this", threshold=True)
+    rule_threshold: float = _flag(-1.5, "the symbolic rule calls a row fraud when V14 < this", threshold=True)
+    conflict_thr: float = _flag(0.30, "a conflict: rule says fraud, model probability below this", threshold=True)
+    conflict_min: int = _flag(5, "heal when a batch has at least this many conflicts", at_least(0), threshold=True)
     # stream and heal
-    n_batches: int = _flag(25, "stream batches")
-    heal_steps: int = _flag(5, "Adam steps per heal")
-    heal_lr: float = _flag(0.003, "Adam learning rate of the heal")
-    alpha: float = _flag(0.70, "weight of the supervised BCE term, in [0, 1]")
-    lambda_lag: float = _flag(0.80, "weight of the rule BCE term, times (1 - alpha)")
-    entropy_weight: float = _flag(0.03, "weight of the mean binary entropy term")
+    n_batches: int = _flag(25, "stream batches", at_least(1))
+    heal_steps: int = _flag(5, "Adam steps per heal", at_least(0))
+    heal_lr: float = _flag(0.003, "Adam learning rate of the heal", POSITIVE)
+    alpha: float = _flag(0.70, "weight of the supervised BCE term, in [0, 1]", WEIGHT)
+    lambda_lag: float = _flag(0.80, "weight of the rule BCE term, times (1 - alpha)", at_least(0))
+    entropy_weight: float = _flag(0.03, "weight of the mean binary entropy term", at_least(0))
     supervision: str = _flag("labels", "what the heal learns from: labels (the article), "
                              "rules (no ground truth anywhere), delayed (labels K batches late)",
                              choices=SUPERVISION_MODES)
-    label_delay: int = _flag(3, "K for --supervision delayed: batch i's labels usable from batch i+K")
+    label_delay: int = _flag(3, "K for --supervision delayed: batch i's labels usable from batch i+K", at_least(0))
     heal_worker: str = _flag("thread", "where heals run: thread (starts at once) or process (no "
                              "interpreter lock shared with inference; about 2 s to start)",
-                             choices=HEAL_WORKERS)
+                             choices=HEAL_WORKERS, shapes_numbers=False)
     async_apply: bool = _flag(False, "do not wait for a heal: serve on and apply it at the first batch "
                               "boundary after it finishes (timing-dependent, so not reproducible)")
-    heal_timeout: float = _flag(30.0, "seconds to wait for one heal before rejecting it")
+    heal_timeout: float = _flag(30.0, "seconds to wait for one heal before rejecting it", POSITIVE,
+                                shapes_numbers=False)
     # registry, health and rollback
-    rollback_f1_drop: float = _flag(0.08, "roll back when the window's mean F1 falls this far below baseline")
-    rollback_acc_drop: float = _flag(0.10, "roll back when the window's mean accuracy falls this far below baseline")
-    health_window: int = _flag(5, "batches in the health monitor's window")
-    min_batches_before_rollback: int = _flag(3, "health updates needed before a rollback")
-    keep_best: int = _flag(5, "post-heal snapshots with the best F1 kept in the registry")
-    keep_last: int = _flag(10, "most recent snapshots kept in the registry")
+    rollback_f1_drop: float = _flag(0.08, "roll back when the window's mean F1 falls this far below baseline",
+                                    at_least(0), threshold=True)
+    rollback_acc_drop: float = _flag(0.10, "roll back when the window's mean accuracy falls this far below "
+                                     "baseline", at_least(0), threshold=True)
+    health_window: int = _flag(5, "batches in the health monitor's window", at_least(1), threshold=True)
+    min_batches_before_rollback: int = _flag(3, "health updates needed before a rollback", at_least(0),
+                                             threshold=True)
+    keep_best: int = _flag(5, "post-heal snapshots with the best F1 kept in the registry", at_least(1),
+                           shapes_numbers=False)
+    keep_last: int = _flag(10, "most recent snapshots kept in the registry", at_least(1), shapes_numbers=False)
     # costs
-    fn_cost: float = _flag(5000.0, "cost of a missed fraud")
-    fp_cost: float = _flag(200.0, "cost of a false alarm")
-
-
-# Keys of threshold_config.json: what an operator tunes without touching the model.
-THRESHOLD_KEYS = ("rollback_f1_drop", "rollback_acc_drop", "health_window",
-                  "min_batches_before_rollback", "conflict_min", "conflict_thr",
-                  "fidi_threshold", "fidi_window", "rule_threshold")
-
-
-class ConfigError(ValueError):
-    """A user mistake in flags or in a threshold file: reported in one line."""
-
-
-def validate(cfg: Config) -> Config:
-    """Return cfg unchanged or raise ConfigError naming the first bad value."""
-    def check(ok: bool, name: str, rule: str):
-        if not ok:
-            raise ConfigError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(cfg, name)!r}")
-
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if isinstance(value, float):
-            check(math.isfinite(value), f.name, "a finite number")
-    for name in ("n_train", "n_test", "n_drift", "hidden_dim", "epochs", "batch_size",
-                 "n_batches", "fidi_window", "health_window", "seeds", "keep_best", "keep_last"):
-        check(getattr(cfg, name) >= 1, name, "at least 1")
-    for name in ("heal_steps", "conflict_min", "min_batches_before_rollback", "label_delay",
-                 "rollback_f1_drop", "rollback_acc_drop", "lambda_lag", "entropy_weight",
-                 "fn_cost", "fp_cost"):
-        check(getattr(cfg, name) >= 0, name, "at least 0")
-    check(0 < cfg.fraud_ratio < 1, "fraud_ratio", "between 0 and 1 (exclusive)")
-    check(0 <= cfg.alpha <= 1, "alpha", "between 0 and 1")
-    check(cfg.lr > 0, "lr", "positive")
-    check(cfg.heal_lr > 0, "heal_lr", "positive")
-    check(cfg.heal_timeout > 0, "heal_timeout", "positive")
-    check(cfg.heal_worker in HEAL_WORKERS, "heal_worker", f"one of {', '.join(HEAL_WORKERS)}")
-    check(cfg.supervision in SUPERVISION_MODES, "supervision", f"one of {', '.join(SUPERVISION_MODES)}")
-    for name in ("n_train", "n_test", "n_drift"):
-        n = getattr(cfg, name)
-        check(0 < int(n * cfg.fraud_ratio) < n, name, f"large enough to hold both classes at "
-              f"--fraud-ratio {cfg.fraud_ratio}")
-    return cfg
-
-
-def read_thresholds(path: str) -> dict:
-    """Read a threshold_config.json back: only known keys, each of its field's type."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"cannot read threshold file {path}: {e.strerror or e}") from None
-    try:
-        data = json.loads(text, parse_constant=lambda c: float("nan"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"threshold file {path} is not JSON: {e.msg} at line {e.lineno}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"threshold file {path} must hold one JSON object")
-    unknown = sorted(set(data) - set(THRESHOLD_KEYS))
-    if unknown:
-        raise ConfigError(f"threshold file {path} has unknown keys: {', '.join(unknown)} "
-                          f"(known: {', '.join(THRESHOLD_KEYS)})")
-    types = {f.name: f.type for f in dataclasses.fields(Config)}
-    values = {}
-    for key, value in data.items():
-        want = types[key]
-        ok = (want == "int" and type(value) is int) or (
-            want == "float" and type(value) in (int, float))
-        if not ok:
-            raise ConfigError(f"threshold file {path}: {key} must be {'an integer' if want == 'int' else 'a number'}, "
-                              f"got {json.dumps(value)}")
-        values[key] = float(value) if want == "float" else value
-    return values
-
-
-def threshold_dict(cfg: Config) -> dict:
-    return {key: getattr(cfg, key) for key in THRESHOLD_KEYS}
+    fn_cost: float = _flag(5000.0, "cost of a missed fraud", at_least(0), shapes_numbers=False)
+    fp_cost: float = _flag(200.0, "cost of a false alarm", at_least(0), shapes_numbers=False)
 
 
 # -- Data
@@ -229,15 +197,21 @@ def make_data(cfg: Config) -> tuple[Data, np.random.RandomState]:
     Returns the main stream too: the stream's batch indices continue it.
     """
     rng = np.random.RandomState(cfg.seed)
-    train = make_dataset(cfg.n_train, cfg, rng, drifted=False)
-    test = make_dataset(cfg.n_test, cfg, rng, drifted=False)
-    drift = make_dataset(cfg.n_drift, cfg, rng, drifted=True)
+    train_set = make_dataset(cfg.n_train, cfg, rng, drifted=False)
+    test_set = make_dataset(cfg.n_test, cfg, rng, drifted=False)
+    drift_set = make_dataset(cfg.n_drift, cfg, rng, drifted=True)
     # A separate generator, so that adding the holdout leaves the article's draws untouched.
     holdout = make_dataset(cfg.n_drift, cfg, np.random.RandomState([cfg.seed, 1]), drifted=True)
-    return Data(train, test, drift, holdout), rng
+    return Data(train_set, test_set, drift_set, holdout), rng
 
 
-# -- Model
+def v14_summary(ds: Dataset, cfg: Config) -> str:
+    """V14's mean and the share of rows the rule would call fraud: how far the set has drifted."""
+    v = ds.X[:, V14]
+    return f"{v.mean():.3f}, {100 * np.mean(v < cfg.rule_threshold):.1f}%"
+
+
+# -- Models
 
 class ReflexiveLayer(nn.Module):
     """Residual adapter x + scale * adapter(x): the only part that heals."""
@@ -287,39 +261,12 @@ class BaselineMLP(nn.Module):
         return self.net(x)
 
 
-class Adam:
-    """torch.optim.Adam's arithmetic on CPU (its single-tensor path), bit for bit.
+def predict_proba(model: nn.Module, X: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return model(torch.from_numpy(X)).squeeze(1).numpy()
 
-    Why not torch.optim.Adam itself: its first use imports torch._dynamo, which
-    costs about 1.5 s, more than this whole experiment's training. The tests check
-    this class against torch.optim.Adam, step by step, to the last bit.
-    """
 
-    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.params = list(params)
-        self.lr, (self.beta1, self.beta2), self.eps = lr, betas, eps
-        self.steps = [0] * len(self.params)
-        self.exp_avg = [torch.zeros_like(p) for p in self.params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        for i, p in enumerate(self.params):
-            if p.grad is None:
-                continue
-            grad, m, v = p.grad, self.exp_avg[i], self.exp_avg_sq[i]
-            self.steps[i] += 1
-            m.lerp_(grad, 1 - self.beta1)
-            v.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
-            bias_correction1 = 1 - self.beta1 ** self.steps[i]
-            bias_correction2 = 1 - self.beta2 ** self.steps[i]
-            denom = (v.sqrt() / bias_correction2 ** 0.5).add_(self.eps)
-            p.addcdiv_(m, denom, value=-(self.lr / bias_correction1))
-
+# -- Training
 
 def epoch_orders(cfg: Config) -> list:
     """One torch.randperm(n_train) per epoch, from torch's global stream."""
@@ -328,7 +275,7 @@ def epoch_orders(cfg: Config) -> list:
 
 def train(model: nn.Module, data: Dataset, cfg: Config, orders: list) -> None:
     """Adam on mean BCE, walking each epoch's order in slices of batch_size."""
-    optimizer = Adam(model.parameters(), lr=cfg.lr)
+    optimizer = Adam(model.parameters(), lr=cfg.lr)  # torch.optim.Adam's arithmetic; Part V says why
     X, y = torch.from_numpy(data.X), torch.from_numpy(data.y).unsqueeze(1)
     for perm in orders:
         for start in range(0, len(X), cfg.batch_size):
@@ -338,20 +285,69 @@ def train(model: nn.Module, data: Dataset, cfg: Config, orders: list) -> None:
             optimizer.step()
 
 
-def to_arrays(state: dict) -> dict:
-    """A state dict as numpy copies, to send to another process. Tensors sent there go
-    by shared memory: torch moves their storage in place, under the feet of any thread
-    computing with them, and it costs milliseconds; numpy copies go as plain bytes."""
-    return {k: v.detach().numpy().copy() for k, v in state.items()}
+@dataclass
+class Trained:
+    """Data and the two trained networks: everything before the stream."""
+    data: Data
+    rng: np.random.RandomState  # continues into the stream's batch draws
+    model: SelfHealingMLP
+    baseline: BaselineMLP
 
 
-def from_arrays(arrays: dict) -> dict:
-    return {k: torch.from_numpy(v) for k, v in arrays.items()}
+def train_models(cfg: Config, parallel: bool = False) -> Trained:
+    """Seed, draw the data, build both models (in the article's order) and train them.
+
+    Both trainings' epoch orders are drawn up front, in the article's order (the
+    self-healing model's, then the baseline's), so the two trainings are
+    independent: with parallel=True the baseline trains in a forked process (Part V).
+    """
+    torch.manual_seed(cfg.seed)
+    data, rng = make_data(cfg)
+    model = SelfHealingMLP(cfg.hidden_dim)
+    baseline = BaselineMLP(cfg.hidden_dim)
+    model_orders, baseline_orders = epoch_orders(cfg), epoch_orders(cfg)
+    if parallel:
+        train_side_by_side(model, baseline, data.train, cfg, model_orders, baseline_orders)  # Part V
+    else:
+        train(model, data.train, cfg, model_orders)
+        train(baseline, data.train, cfg, baseline_orders)
+    model.freeze_backbone_and_head()
+    for p in baseline.parameters():
+        p.requires_grad_(False)
+    return Trained(data, rng, model, baseline)
 
 
-def predict_proba(model: nn.Module, X: np.ndarray) -> np.ndarray:
-    with torch.inference_mode():
-        return model(torch.from_numpy(X)).squeeze(1).numpy()
+# -- Metrics
+
+@dataclass(frozen=True)
+class Metrics:
+    accuracy: float
+    precision: float
+    recall: float
+    f1: float
+    tp: int
+    tn: int
+    fp: int
+    fn: int
+
+    @property
+    def counts(self) -> str:
+        return f"{self.tp}/{self.tn}/{self.fp}/{self.fn}"
+
+
+def classify(y: np.ndarray, predicted: np.ndarray) -> Metrics:
+    """Confusion counts and the article's metrics, each denominator guarded by 1e-8."""
+    y, predicted = y.astype(bool), predicted.astype(bool)
+    tp, tn = int(np.sum(predicted & y)), int(np.sum(~predicted & ~y))
+    fp, fn = int(np.sum(predicted & ~y)), int(np.sum(~predicted & y))
+    precision = tp / (tp + fp + 1e-8)
+    recall = tp / (tp + fn + 1e-8)
+    f1 = 2 * precision * recall / (precision + recall + 1e-8)
+    return Metrics((tp + tn) / len(y), precision, recall, f1, tp, tn, fp, fn)
+
+
+def metrics_at(y: np.ndarray, proba: np.ndarray, threshold: float = 0.5) -> Metrics:
+    return classify(y, proba > threshold)
 
 
 # -- Detection
@@ -400,32 +396,13 @@ class HealBatch:
     rule: np.ndarray
 
 
-class Supervision:
-    """Decides which targets the heal and the health monitor get at each batch.
-
-    labels:  this batch's true labels (the article).
-    rules:   the rule's labels; no true label is ever read.
-    delayed: the true labels of batch i-K, which arrive K batches late.
-    """
-
-    def __init__(self, mode: str, delay: int):
-        self.mode, self.delay = mode, delay
-        self._pending: deque = deque()
+class LabelSupervision:
+    """What the heal learns from, in the article: each batch's own true labels.
+    Part II adds the two modes that need fewer labels (rules, delayed)."""
 
     def view(self, X: np.ndarray, labels: Callable[[], np.ndarray], rule: np.ndarray) -> Optional[HealBatch]:
-        # `labels` is a callable, so that `rules` mode never reads them (a test checks).
-        if self.mode == "rules":
-            return HealBatch(X, rule, rule)
-        if self.mode == "labels":
-            return HealBatch(X, labels(), rule)
-        self._pending.append(HealBatch(X, labels(), rule))
-        if len(self._pending) > self.delay:
-            return self._pending.popleft()
-        return None
-
-
-class HealRejected(RuntimeError):
-    """A heal whose result must not be served (non-finite loss or weights, timeout, error)."""
+        # `labels` is a callable, so that a mode that must not read them never does (a test checks).
+        return HealBatch(X, labels(), rule)
 
 
 def heal_loss(proba, targets, rule, weight, cfg: Config):
@@ -439,6 +416,10 @@ def heal_loss(proba, targets, rule, weight, cfg: Config):
     symbolic = F.binary_cross_entropy(proba, rule)
     entropy = -(proba * torch.log(proba + 1e-8) + (1 - proba) * torch.log(1 - proba + 1e-8)).mean()
     return cfg.alpha * supervised + (1 - cfg.alpha) * cfg.lambda_lag * symbolic + cfg.entropy_weight * entropy
+
+
+class HealRejected(RuntimeError):
+    """A heal whose result must not be served (non-finite loss or weights, timeout, error)."""
 
 
 @dataclass
@@ -457,9 +438,9 @@ class AdapterTrainer:
     The committed layer is handed out to be served and never changed again.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, layer: ReflexiveLayer, cfg: Config):
-        self.backbone, self.head, self.cfg = backbone, head, cfg
-        self.layer = copy.deepcopy(layer)
+    def __init__(self, model: SelfHealingMLP, cfg: Config):
+        self.backbone, self.head, self.cfg = model.backbone, model.head, cfg
+        self.layer = copy.deepcopy(model.reflexive)
         self.optimizer = Adam(self.layer.parameters(), lr=cfg.heal_lr)
 
     def heal(self, batch: HealBatch, weight: float) -> HealResult:
@@ -490,155 +471,7 @@ class AdapterTrainer:
         self.layer, self.optimizer = layer, optimizer
 
 
-class ThreadHealer:
-    """Heals in a daemon thread of this process. Starts at once; but the thread
-    shares the interpreter lock with inference, which slows predictions (never
-    stops them: no lock of ours is shared) while a heal runs."""
-
-    def __init__(self, model: SelfHealingMLP, cfg: Config):
-        self.model, self.cfg = model, cfg
-        self.trainer = AdapterTrainer(model.backbone, model.head, model.reflexive, cfg)
-        self.future: Optional[Future] = None
-        self.started = 0.0
-
-    def submit(self, batch: HealBatch, weight: float) -> None:
-        future, trainer = Future(), self.trainer
-
-        def work():
-            try:
-                future.set_result(trainer.heal(batch, weight))
-            except BaseException as e:  # contained: reported by result()
-                future.set_exception(e)
-
-        self.future, self.started = future, time.monotonic()
-        threading.Thread(target=work, name="heal", daemon=True).start()
-
-    def busy(self) -> bool:
-        return self.future is not None and not self.future.done()
-
-    def result(self, timeout: float) -> HealResult:
-        """The finished heal, or HealRejected; never waits longer than timeout."""
-        future, self.future = self.future, None
-        try:
-            return future.result(timeout=timeout)
-        except FuturesTimeoutError:
-            self.abandon()
-            raise HealRejected(f"heal did not finish within {timeout:g} s") from None
-        except HealRejected:
-            raise
-        except Exception as e:
-            raise HealRejected(f"heal raised {type(e).__name__}: {e}") from None
-
-    def restore(self, state: dict) -> None:
-        self.trainer.restore(state)
-
-    def abandon(self) -> None:
-        """Leave a hung heal to its (daemon) thread and start again from the served
-        weights; the abandoned thread's trainer is never used again."""
-        self.future = None
-        self.trainer = AdapterTrainer(self.model.backbone, self.model.head, self.model.reflexive, self.cfg)
-
-    def close(self) -> None:
-        self.future = None
-
-
-def _heal_worker(conn, model_arrays: dict, cfg: Config) -> None:
-    """The worker process's loop: heal or restore on request, reply with the outcome."""
-    torch.set_num_threads(1)  # one core heals, the others serve
-    model = SelfHealingMLP(cfg.hidden_dim)
-    model.load_state_dict(from_arrays(model_arrays))
-    model.freeze_backbone_and_head()
-    trainer = AdapterTrainer(model.backbone, model.head, model.reflexive, cfg)
-    while True:
-        message = conn.recv()
-        if message[0] == "heal":
-            try:
-                result = trainer.heal(*message[1:])
-                conn.send(("ok", (to_arrays(result.layer.state_dict()), result.losses, result.seconds)))
-            except Exception as e:
-                conn.send(("error", e if isinstance(e, HealRejected) else f"heal raised {type(e).__name__}: {e}"))
-        elif message[0] == "restore":
-            trainer.restore(from_arrays(message[1]))
-        else:
-            return
-
-
-class ProcessHealer:
-    """Heals in a worker process, so that heal steps share nothing with inference.
-    Starting one costs an import of torch (about 2 s), and each heal ships the
-    batch there and the new layer back (tens of kB). A hung worker is killed."""
-
-    def __init__(self, model: SelfHealingMLP, cfg: Config):
-        self.model, self.cfg = model, cfg
-        self.process, self.conn = None, None
-        self.pending = False
-        self.started = 0.0
-
-    def _start(self) -> None:
-        import multiprocessing
-        context = multiprocessing.get_context("spawn")
-        self.conn, child = context.Pipe()
-        self.process = context.Process(target=_heal_worker, daemon=True, name="heal-worker",
-                                       args=(child, to_arrays(self.model.state_dict()), self.cfg))
-        self.process.start()
-        child.close()
-
-    def submit(self, batch: HealBatch, weight: float) -> None:
-        if self.process is None:
-            self._start()
-        self.conn.send(("heal", batch, weight))
-        self.pending, self.started = True, time.monotonic()
-
-    def busy(self) -> bool:
-        return self.pending and not self.conn.poll()
-
-    def result(self, timeout: float) -> HealResult:
-        self.pending = False
-        try:
-            if not self.conn.poll(timeout):
-                self.abandon()
-                raise HealRejected(f"heal did not finish within {timeout:g} s")
-            status, payload = self.conn.recv()
-        except (EOFError, OSError) as e:
-            self.abandon()
-            raise HealRejected(f"heal worker died: {type(e).__name__}") from None
-        if status != "ok":
-            raise payload if isinstance(payload, HealRejected) else HealRejected(payload)
-        arrays, losses, seconds = payload
-        layer = copy.deepcopy(self.model.reflexive)  # a new object to serve, built from the arrays
-        layer.load_state_dict(from_arrays(arrays))
-        return HealResult(layer, losses, seconds)
-
-    def restore(self, state: dict) -> None:
-        if self.process is not None:  # applied before the next heal: the pipe keeps order
-            self.conn.send(("restore", to_arrays(state)))
-
-    def abandon(self) -> None:
-        """Kill the worker; the next heal starts a new one from the served weights."""
-        self.pending = False
-        if self.process is not None:
-            self.process.kill()
-            self.process.join(timeout=5)
-            self.conn.close()
-        self.process = self.conn = None
-
-    def close(self) -> None:
-        if self.process is None:
-            return
-        if self.pending:
-            self.abandon()
-            return
-        self.conn.send(("stop",))
-        self.process.join(timeout=5)
-        if self.process.is_alive():
-            self.process.kill()
-        self.process = self.conn = None
-
-
-HEALERS = dict(zip(HEAL_WORKERS, (ThreadHealer, ProcessHealer)))
-
-
-# -- Registry and rollback
+# -- Registry and health
 
 @dataclass
 class Snapshot:
@@ -721,7 +554,7 @@ class HealthMonitor:
         self.updates = 0
 
 
-# -- Stream
+# -- The stream
 
 @dataclass
 class BatchRecord:
@@ -758,34 +591,6 @@ class BatchRecord:
         return None if self.served is None else self.served.f1 - self.shadow.f1
 
 
-CSV_COLUMNS = (["batch", "state", "action", "z", "conflicts", "fraud_frac", "pos_weight"]
-               + [f"{model}_{m}" for model in ("healed", "served", "shadow", "baseline")
-                  for m in ("accuracy", "precision", "recall", "f1")]
-               + ["lift", "prequential_lift", "prequential_f1_lift", "monitor_accuracy", "monitor_f1",
-                  "version_pre", "version_post", "restored_version"])
-
-
-def _cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6f}" if math.isfinite(value) else ""
-    return str(value)
-
-
-def csv_row(r: BatchRecord) -> list:
-    cells = [r.batch, r.state, r.action, r.z, r.conflicts, r.fraud_frac, r.pos_weight]
-    for m in (r.healed, r.served, r.shadow, r.baseline):
-        cells += [None] * 4 if m is None else [m.accuracy, m.precision, m.recall, m.f1]
-    cells += [r.lift, r.prequential_lift, r.prequential_f1_lift, r.monitor_accuracy, r.monitor_f1,
-              r.version_pre, r.version_post, r.restored_version]
-    return [_cell(c) for c in cells]
-
-
-def now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
-
-
 class RunningStats:
     """Count, mean, min, max and positives of a stream of numbers (None is skipped)."""
 
@@ -806,15 +611,20 @@ class RunningStats:
         return self.total / self.n if self.n else float("nan")
 
 
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
 class StreamLog:
     """Collects batch records and events; keeps them in memory only when asked
-    (plots need them) and otherwise hands them straight to the exporters."""
+    (plots need them) and otherwise hands them straight to its listeners
+    (the console table and the exports of Part IV)."""
 
     def __init__(self, keep: bool):
         self.keep = keep
         self.records: list[BatchRecord] = []
         self.events: list[dict] = []
-        self.record_listeners: list[Callable[[BatchRecord], None]] = []  # the exporter, the console
+        self.record_listeners: list[Callable[[BatchRecord], None]] = []
         self.event_listeners: list[Callable[[dict], None]] = []
         self.counts = {"heal": 0, "rollback": 0, "heal_failed": 0, "batch_quarantined": 0}
         # Running aggregates, so that a summary needs no per-batch history.
@@ -843,7 +653,6 @@ class StreamLog:
             listener(entry)
 
 
-
 def drifted_batches(data: Dataset, cfg: Config, rng: np.random.RandomState) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The article's stream: batch_size rows drawn with replacement from the drifted set."""
     for _ in range(cfg.n_batches):
@@ -852,200 +661,216 @@ def drifted_batches(data: Dataset, cfg: Config, rng: np.random.RandomState) -> I
 
 
 class SelfHealingStream:
-    """Serves each batch, watches for drift, heals, keeps versions, rolls back."""
+    """Serves each batch, watches for drift, heals, keeps versions, rolls back.
+
+    This class heals in the serving thread, as the article's script in effect does;
+    Part III's HealEngineStream runs the same step with heals in a worker, bounded
+    waits, contained faults and quarantined batches.
+    """
 
     def __init__(self, model: SelfHealingMLP, shadow: nn.Module, baseline: nn.Module,
                  fidi: FIDIMonitor, cfg: Config, log: StreamLog):
         self.model, self.shadow, self.baseline = model, shadow, baseline
         self.fidi, self.cfg, self.log = fidi, cfg, log
-        self.healer = HEALERS[cfg.heal_worker](model, cfg)
+        self.trainer = AdapterTrainer(model, cfg)
         self.registry = ModelRegistry(cfg.keep_best, cfg.keep_last)
         self.registry.save(model.reflexive, 0, "clean", float("nan"), float("nan"))
         self.health = HealthMonitor(cfg)
-        self.supervision = Supervision(cfg.supervision, cfg.label_delay)
-        self._pending: Optional[tuple] = None  # --async-apply: the heal in flight
+        self.supervision = make_supervision(cfg)  # Part II: labels (the article), rules or delayed
 
-    def run(self, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> None:
-        try:
-            i = 0
-            for i, (X, y) in enumerate(batches, start=1):
-                self.step(i, X, y)
-            if self._pending is not None:  # --async-apply: account for the last heal too
-                self._finish_async(i, wait=True)
-        finally:
-            self.healer.close()
+    def serve_batches(self, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> None:
+        for i, (X, y) in enumerate(batches, start=1):
+            self.step(i, X, y)
 
     def step(self, i: int, X: np.ndarray, y: np.ndarray) -> BatchRecord:
-        cfg, log = self.cfg, self.log
-        if not np.isfinite(X).all():
-            bad = int((~np.isfinite(X)).any(axis=1).sum())
-            log.event("batch_quarantined", i, reason=f"{bad} rows with NaN or infinite features")
-            record = BatchRecord(i, "QUARANTINED", "quarantined")
-            log.record(record, drifting=False)
-            return record
-
-        if self._pending is not None and not self.healer.busy():
-            self._finish_async(i, wait=False)
-
-        served_proba = predict_proba(self.model, X)
-        served = metrics_at(y, served_proba)
-        shadow = metrics_at(y, predict_proba(self.shadow, X))
-        baseline = metrics_at(y, predict_proba(self.baseline, X))
-        z = self.fidi.update(X[:, V14])
-        drifting = self.fidi.drifting(z)
+        """serve -> score -> detect -> heal -> version -> health -> rollback."""
+        cfg = self.cfg
+        served_proba = predict_proba(self.model, X)  # serve: answered before anything learns from it
+        record = BatchRecord(i, "HEALTHY", "none", served=metrics_at(y, served_proba),
+                             shadow=metrics_at(y, predict_proba(self.shadow, X)),
+                             baseline=metrics_at(y, predict_proba(self.baseline, X)))
+        record.z = self.fidi.update(X[:, V14])
+        drifting = self.fidi.drifting(record.z)
+        if drifting:
+            record.state = "DRIFTING"
         rule = rule_labels(X, cfg)
-        n_conflicts = int(conflicts(rule, served_proba, cfg).sum())
-        record = BatchRecord(i, "DRIFTING" if drifting else "HEALTHY", "none", z, n_conflicts,
-                             served=served, shadow=shadow, baseline=baseline)
+        record.conflicts = int(conflicts(rule, served_proba, cfg).sum())
+        wants_heal = drifting or record.conflicts >= cfg.conflict_min
 
-        view = self.supervision.view(X, lambda: y, rule)
-        wants_heal = drifting or n_conflicts >= cfg.conflict_min
-        if view is None:
+        view = self.supervision.view(X, lambda: y, rule)  # what the heal may learn from
+        if view is None:  # delayed labels have not arrived yet
             record.action = "await_labels" if wants_heal else "none"
         else:
             view_proba = served_proba if view.X is X else predict_proba(self.model, view.X)
             view_conflicts = conflicts(view.rule, view_proba, cfg)
             record.fraud_frac = float(view.targets[view_conflicts].mean()) if view_conflicts.any() else 0.0
             record.pos_weight = pos_weight(record.fraud_frac)
-            pre = metrics_at(view.targets, view_proba)
-            if not wants_heal:
-                self._monitor(record, pre, post_heal=False)
-            elif cfg.async_apply:
-                self._start_async(i, record, view, pre)
+            before = metrics_at(view.targets, view_proba)
+            result = self.heal(i, record, view, before) if wants_heal else None
+            if result is None:
+                self.monitor(record, before, post_heal=False)
             else:
-                self._heal_now(i, record, view, pre)
+                self.publish(i, record, view, before, result)
+                self.roll_back_if_degraded(i, record, result.layer)
                 record.healed = metrics_at(y, predict_proba(self.model, X))
-        log.record(record, drifting)
+        self.log.record(record, drifting)
         return record
 
-    def _heal_now(self, i, record, view, pre) -> None:
-        """Heal and apply before the next batch: the default, deterministic."""
-        self.healer.submit(view, record.pos_weight)
-        try:
-            result = self.healer.result(self.cfg.heal_timeout)
-        except HealRejected as e:
-            self._heal_failed(i, record, str(e))
-            self._monitor(record, pre, post_heal=False)
-            return
-        self._complete(i, record, view, pre, result)
+    def heal(self, i: int, record: BatchRecord, view: HealBatch, before: Metrics) -> Optional[HealResult]:
+        """Train a private copy of the adapter on the view (None: nothing to publish now)."""
+        return self.trainer.heal(view, record.pos_weight)
 
-    def _start_async(self, i, record, view, pre) -> None:
-        """--async-apply: start a heal and go on serving; it is applied at the first
-        batch boundary after it finishes. One heal at a time."""
-        self._monitor(record, pre, post_heal=False)
-        if self._pending is not None:
-            if time.monotonic() - self.healer.started <= self.cfg.heal_timeout:
-                record.action = "heal_busy"  # this batch's heal is skipped
-                return
-            self.healer.abandon()
-            self.log.event("heal_failed", self._pending[0],
-                           reason=f"heal did not finish within {self.cfg.heal_timeout:g} s")
-        self.healer.submit(view, record.pos_weight)
-        self._pending = (i, view, pre)
-        record.state, record.action = "HEALING", "heal_started"
-
-    def _finish_async(self, i: int, wait: bool) -> None:
-        batch, view, pre = self._pending
-        self._pending = None
-        record = BatchRecord(batch, "HEALING", "heal")  # bookkeeping only: batch's own row is written
-        try:
-            result = self.healer.result(self.cfg.heal_timeout if wait else 0)
-        except HealRejected as e:
-            self._heal_failed(batch, record, str(e))
-            return
-        self._complete(batch, record, view, pre, result, applied_at=i)
-
-    def _complete(self, i, record, view, pre, result: HealResult, applied_at: int = None) -> None:
-        """Version the heal (pre and post snapshots), serve it, update health, maybe roll back."""
-        pre_snap = self.registry.save(self.model.reflexive, i, "pre_heal", pre.accuracy, pre.f1)
+    def publish(self, i: int, record: BatchRecord, view: HealBatch, before: Metrics, result: HealResult,
+                applied_at: int = None) -> None:
+        """Version the heal (pre and post snapshots), serve it, and tell the health monitor."""
+        pre_snap = self.registry.save(self.model.reflexive, i, "pre_heal", before.accuracy, before.f1)
         self.model.reflexive = result.layer  # the atomic swap that publishes the heal
-        post = metrics_at(view.targets, predict_proba(self.model, view.X))
-        post_snap = self.registry.save(result.layer, i, "post_heal", post.accuracy, post.f1)
+        after = metrics_at(view.targets, predict_proba(self.model, view.X))
+        post_snap = self.registry.save(result.layer, i, "post_heal", after.accuracy, after.f1)
         record.state, record.action = "HEALING", "heal"
         record.version_pre, record.version_post = pre_snap.version, post_snap.version
-        self._monitor(record, post, post_heal=True)
+        self.monitor(record, after, post_heal=True)
         self.log.event("heal", i, version_pre=pre_snap.version, version_post=post_snap.version,
                        applied_at_batch=applied_at or i, pos_weight=record.pos_weight,
-                       accuracy_before=pre.accuracy, accuracy_after=post.accuracy,
-                       f1_before=pre.f1, f1_after=post.f1,
+                       accuracy_before=before.accuracy, accuracy_after=after.accuracy,
+                       f1_before=before.f1, f1_after=after.f1,
                        loss_first=result.losses[0] if result.losses else None,
                        loss_last=result.losses[-1] if result.losses else None,
                        seconds=round(result.seconds, 6))
+
+    def roll_back_if_degraded(self, i: int, record: BatchRecord, layer: ReflexiveLayer) -> None:
+        """Restore the best post-heal snapshot when the health window has degraded."""
         reason = self.health.degradation()
         target = self.registry.best_post_heal() if reason else None
         if target is None:
             return
-        restored = copy.deepcopy(result.layer)
+        restored = copy.deepcopy(layer)
         restored.load_state_dict(target.state)
         self.model.reflexive = restored
-        self.healer.restore(target.state)
+        self.continue_from(target.state)
         self.health.restart()
         record.state, record.action, record.restored_version = "ROLLED_BACK", "heal+rollback", target.version
-        self.log.event("rollback", applied_at or i, restored_version=target.version,
-                       restored_batch=target.batch, restored_accuracy=target.accuracy,
-                       restored_f1=target.f1, reason=reason)
+        self.log.event("rollback", i, restored_version=target.version, restored_batch=target.batch,
+                       restored_accuracy=target.accuracy, restored_f1=target.f1, reason=reason)
 
-    def _heal_failed(self, i, record, reason: str) -> None:
-        record.action = "heal_failed"
-        self.log.event("heal_failed", i, reason=reason)
+    def continue_from(self, state: dict) -> None:
+        """Later heals start from the restored weights."""
+        self.trainer.restore(state)
 
-    def _monitor(self, record, m: Metrics, post_heal: bool) -> None:
+    def monitor(self, record: BatchRecord, m: Metrics, post_heal: bool) -> None:
         self.health.record(m.accuracy, m.f1, post_heal)
         record.monitor_accuracy, record.monitor_f1 = m.accuracy, m.f1
 
 
-# -- Evaluation
+# -- The experiment
 
-@dataclass(frozen=True)
-class Metrics:
-    accuracy: float
-    precision: float
-    recall: float
-    f1: float
-    tp: int
-    tn: int
-    fp: int
-    fn: int
+@dataclass
+class RunResult:
+    cfg: Config
+    trained: Trained       # the models as trained, before the stream
+    fidi: FIDIMonitor
+    log: StreamLog
+    registry: ModelRegistry
+    model: SelfHealingMLP  # as healed by the stream
+    shadow: BaselineMLP
 
     @property
-    def counts(self) -> str:
-        return f"{self.tp}/{self.tn}/{self.fp}/{self.fn}"
+    def data(self) -> Data:
+        return self.trained.data
+
+    def article_table(self) -> dict:
+        """The article's four rows at threshold 0.5: the clean model on clean data, then the
+        unhealed baseline, its frozen shadow and the healed model on the drifted set."""
+        data = self.data
+        return {"clean": metrics_at(data.test.y, predict_proba(self.trained.model, data.test.X)),
+                **{name: metrics_at(data.drift.y, predict_proba(m, data.drift.X))
+                   for name, m in (("no_healing", self.trained.baseline), ("shadow", self.shadow),
+                                   ("healed", self.model))}}
 
 
-def classify(y: np.ndarray, predicted: np.ndarray) -> Metrics:
-    """Confusion counts and the article's metrics, each denominator guarded by 1e-8."""
-    y, predicted = y.astype(bool), predicted.astype(bool)
-    tp, tn = int(np.sum(predicted & y)), int(np.sum(~predicted & ~y))
-    fp, fn = int(np.sum(predicted & ~y)), int(np.sum(~predicted & y))
-    precision = tp / (tp + fp + 1e-8)
-    recall = tp / (tp + fn + 1e-8)
-    f1 = 2 * precision * recall / (precision + recall + 1e-8)
-    return Metrics((tp + tn) / len(y), precision, recall, f1, tp, tn, fp, fn)
+def run_experiment(cfg: Config, trained: Trained = None, batches: Iterable = None,
+                   console: Callable[[str], None] = print, export_dir: Path = None,
+                   keep_records: bool = True) -> RunResult:
+    """Train (unless `trained` is given), stream the drifted batches through the
+    self-healing engine, and return what happened. Tests pass `trained` (to reuse
+    a training), `batches` (to inject faults) and their own `console`."""
+    trained = trained or train_models(cfg)
+    data = trained.data
+    # Copies, so that one training can serve several runs (tests do this).
+    model, rng = copy.deepcopy(trained.model), copy.deepcopy(trained.rng)
+    shadow = copy.deepcopy(trained.baseline)
+    fidi = FIDIMonitor(data.train.X[:, V14], cfg.fidi_window, cfg.fidi_threshold)
+    for line in pipeline_lines(cfg, trained, fidi):  # Part IV: one line per stage so far
+        console(line)
+
+    log = StreamLog(keep_records)
+    exporter = attach_outputs(log, cfg, console, export_dir)  # Part IV: the batch table and the exports
+    try:
+        stream = HealEngineStream(model, shadow, trained.baseline, fidi, cfg, log)  # Part III
+        stream.serve_batches(batches if batches is not None else drifted_batches(data.drift, cfg, rng))
+        result = RunResult(cfg, trained, fidi, log, stream.registry, model, shadow)
+        if exporter:
+            exporter.finish()
+    except BaseException:
+        if exporter:
+            exporter.abort()
+        raise
+    return result
 
 
-def metrics_at(y: np.ndarray, proba: np.ndarray, threshold: float = 0.5) -> Metrics:
-    return classify(y, proba > threshold)
+# Part II. Honest measurement
+#
+# What the article's table leaves out: threshold-free scores (ROC-AUC, PR-AUC), costs,
+# a fresh holdout, the trivial and Bayes-optimal references, forgetting, supervision
+# with fewer labels, and the spread over seeds. Computation only: Part IV prints.
+# Uses Part I.
+
+class RuleSupervision(LabelSupervision):
+    """No ground truth anywhere: the rule's labels stand in for the true ones."""
+
+    def view(self, X, labels, rule):
+        return HealBatch(X, rule, rule)
 
 
-def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
+class DelayedSupervision(LabelSupervision):
+    """The true labels of batch i arrive K batches late: the heal at batch i learns from batch i-K."""
+
+    def __init__(self, delay: int):
+        self.delay = delay
+        self.pending: deque = deque()
+
+    def view(self, X, labels, rule):
+        self.pending.append(HealBatch(X, labels(), rule))
+        return self.pending.popleft() if len(self.pending) > self.delay else None
+
+
+def make_supervision(cfg: Config) -> LabelSupervision:
+    if cfg.supervision == "rules":
+        return RuleSupervision()
+    if cfg.supervision == "delayed":
+        return DelayedSupervision(cfg.label_delay)
+    return LabelSupervision()
+
+
+def roc_auc(y: np.ndarray, scores: np.ndarray) -> float:
     """P(score of a random fraud > score of a random normal), ties counted half (Mann-Whitney)."""
     y = y.astype(bool)
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    _, inverse, counts = np.unique(score, return_inverse=True, return_counts=True)
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
     mid_ranks = np.cumsum(counts) - (counts - 1) / 2.0  # average 1-based rank of each tie group
     ranks = mid_ranks[inverse]
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def pr_auc(y: np.ndarray, score: np.ndarray) -> float:
+def pr_auc(y: np.ndarray, scores: np.ndarray) -> float:
     """Average precision: precision at each distinct threshold, weighted by the recall it adds."""
     y = y.astype(bool)
     n_pos = int(y.sum())
     if n_pos == 0:
         return float("nan")
-    values, inverse = np.unique(-score, return_inverse=True)  # ascending -score: descending score
+    values, inverse = np.unique(-scores, return_inverse=True)  # ascending -score: descending score
     tp = np.cumsum(np.bincount(inverse, weights=y, minlength=len(values)))
     seen = np.cumsum(np.bincount(inverse, minlength=len(values)))
     recall_gain = np.diff(np.concatenate([[0.0], tp])) / n_pos
@@ -1056,10 +881,10 @@ def cost_per_1000(m: Metrics, cfg: Config) -> float:
     return (m.fn * cfg.fn_cost + m.fp * cfg.fp_cost) / (m.tp + m.tn + m.fp + m.fn) * 1000
 
 
-def cost_optimal_threshold(y: np.ndarray, score: np.ndarray, cfg: Config) -> float:
-    """The threshold (predict fraud when score > t) with the lowest cost on (y, score)."""
-    candidates = np.concatenate([[-np.inf], np.unique(score)])
-    costs = [cost_per_1000(metrics_at(y, score, t), cfg) for t in candidates]
+def cost_optimal_threshold(y: np.ndarray, scores: np.ndarray, cfg: Config) -> float:
+    """The threshold (predict fraud when score > t) with the lowest cost on (y, scores)."""
+    candidates = np.concatenate([[-np.inf], np.unique(scores)])
+    costs = [cost_per_1000(metrics_at(y, scores, t), cfg) for t in candidates]
     return float(candidates[int(np.argmin(costs))])
 
 
@@ -1073,8 +898,8 @@ class Scored:
     cost: float
 
 
-def score(name: str, y: np.ndarray, proba: np.ndarray, cfg: Config, threshold: float = 0.5) -> Scored:
-    m = metrics_at(y, proba, threshold)
+def score_model(name: str, y: np.ndarray, proba: np.ndarray, cfg: Config) -> Scored:
+    m = metrics_at(y, proba)
     return Scored(name, m, roc_auc(y, proba), pr_auc(y, proba), cost_per_1000(m, cfg))
 
 
@@ -1082,155 +907,46 @@ def _normal_pdf(v, loc, scale):
     return np.exp(-0.5 * ((v - loc) / scale) ** 2) / (scale * math.sqrt(2 * math.pi))
 
 
-def class_densities(v: np.ndarray, cfg: Config, drifted: bool):
-    """The generator's V14 densities of normal and fraud rows. The other nine features
-    have the same distribution in both classes, so V14 alone decides."""
-    return _normal_pdf(v, normal_v14_mean(cfg, drifted), NORMAL_V14_STD), _normal_pdf(v, *FRAUD_V14)
+def drifted_class_densities(v: np.ndarray, cfg: Config):
+    """The generator's V14 densities of normal and fraud rows in the drifted set. The other
+    nine features have the same distribution in both classes, so V14 alone decides."""
+    return _normal_pdf(v, normal_v14_mean(cfg, True), NORMAL_V14_STD), _normal_pdf(v, *FRAUD_V14)
 
 
 def fraud_prior(n: int, cfg: Config) -> float:
     return int(n * cfg.fraud_ratio) / n
 
 
-def bayes_posterior(X: np.ndarray, cfg: Config, drifted: bool, prior: float) -> np.ndarray:
-    """P(fraud | row) from the generator's known class densities."""
-    normal, fraud = class_densities(X[:, V14].astype(np.float64), cfg, drifted)
+def bayes_posterior(X: np.ndarray, cfg: Config, prior: float) -> np.ndarray:
+    """P(fraud | row) of a drifted row, from the generator's known class densities."""
+    normal, fraud = drifted_class_densities(X[:, V14].astype(np.float64), cfg)
     return prior * fraud / (prior * fraud + (1 - prior) * normal)
 
 
-def v14_threshold_auc(cfg: Config, drifted: bool) -> float:
-    """ROC-AUC of the best score monotone in V14 (a threshold rule on V14, like the
-    symbolic rule, in whichever direction is better), in closed form."""
-    gap = normal_v14_mean(cfg, drifted) - FRAUD_V14[0]
+def v14_threshold_auc(cfg: Config) -> float:
+    """ROC-AUC on the drifted set of the best score monotone in V14 (a threshold rule on V14,
+    like the symbolic rule, in whichever direction is better), in closed form."""
+    gap = normal_v14_mean(cfg, True) - FRAUD_V14[0]
     auc = 0.5 * (1 + math.erf(gap / math.hypot(NORMAL_V14_STD, FRAUD_V14[1]) / math.sqrt(2)))
     return max(auc, 1 - auc)
 
 
-def bayes_limits(cfg: Config, drifted: bool, prior: float) -> tuple[float, float]:
-    """Best achievable accuracy and ROC-AUC, integrated on a fine V14 grid.
+def bayes_limits(cfg: Config, prior: float) -> tuple[float, float]:
+    """Best achievable accuracy and ROC-AUC on the drifted set, integrated on a fine V14 grid.
 
     Accuracy: the integral of max(prior * f_fraud, (1 - prior) * f_normal).
     AUC: the ROC of the likelihood ratio, the best score there is (Neyman-Pearson).
     """
-    low, high = sorted((normal_v14_mean(cfg, drifted), FRAUD_V14[0]))
+    low, high = sorted((normal_v14_mean(cfg, True), FRAUD_V14[0]))
     v = np.linspace(low - 12, high + 12, 400_001)  # 12 standard deviations beyond both means
     dv = v[1] - v[0]
-    normal, fraud = class_densities(v, cfg, drifted)
+    normal, fraud = drifted_class_densities(v, cfg)
     accuracy = float(np.sum(np.maximum(prior * fraud, (1 - prior) * normal)) * dv)
     order = np.argsort(-(np.log(fraud) - np.log(normal)), kind="stable")
     tpr_steps, fpr_steps = fraud[order] * dv, normal[order] * dv
     tpr_before = np.cumsum(tpr_steps) - tpr_steps
     auc = float(np.sum(fpr_steps * (tpr_before + tpr_steps / 2)) / (tpr_steps.sum() * fpr_steps.sum()))
     return accuracy, auc
-
-
-# -- Experiment
-
-@dataclass
-class Trained:
-    """Data and the two trained networks: everything before the stream."""
-    data: Data
-    rng: np.random.RandomState  # continues into the stream's batch draws
-    model: SelfHealingMLP
-    baseline: BaselineMLP
-
-
-class Forked:
-    """fn(*args) in a forked child process, which starts in milliseconds with all
-    imports done; .result() returns what fn returned. Where fork is not safe to
-    use (outside Linux), fn simply runs in this process when .result() is called."""
-
-    def __init__(self, fn: Callable, *args):
-        self.fn, self.args, self.process = fn, args, None
-        if sys.platform == "linux":
-            import multiprocessing
-            context = multiprocessing.get_context("fork")
-            self.conn, child = context.Pipe(duplex=False)
-            self.process = context.Process(target=self._child, args=(child,), daemon=True)
-            self.process.start()
-            child.close()
-
-    def _child(self, conn) -> None:
-        try:
-            conn.send(("ok", self.fn(*self.args)))
-        except BaseException as e:
-            conn.send(("error", f"{type(e).__name__}: {e}"))
-
-    def result(self):
-        if self.process is None:
-            return self.fn(*self.args)
-        try:
-            status, value = self.conn.recv()
-        except EOFError:
-            status, value = "error", f"exit code {self.process.exitcode}"
-        self.process.join()
-        if status != "ok":
-            raise RuntimeError(f"{self.fn.__name__} failed in a forked process: {value}")
-        return value
-
-
-def _train_to_arrays(model: nn.Module, data: Dataset, cfg: Config, orders: list) -> dict:
-    train(model, data, cfg, orders)
-    return to_arrays(model.state_dict())
-
-
-def prepare(cfg: Config, parallel: bool = False) -> Trained:
-    """Seed, draw the data, build both models (in the article's order) and train them.
-
-    Both trainings' epoch orders are drawn up front, in the article's order (the
-    self-healing model's, then the baseline's), so the two trainings are
-    independent: with parallel=True the baseline trains in a forked process.
-    """
-    torch.manual_seed(cfg.seed)
-    data, rng = make_data(cfg)
-    model = SelfHealingMLP(cfg.hidden_dim)
-    baseline = BaselineMLP(cfg.hidden_dim)
-    model_orders, baseline_orders = epoch_orders(cfg), epoch_orders(cfg)
-    if parallel:
-        trained_baseline = Forked(_train_to_arrays, baseline, data.train, cfg, baseline_orders)
-        train(model, data.train, cfg, model_orders)
-        baseline.load_state_dict(from_arrays(trained_baseline.result()))
-    else:
-        train(model, data.train, cfg, model_orders)
-        train(baseline, data.train, cfg, baseline_orders)
-    model.freeze_backbone_and_head()
-    for p in baseline.parameters():
-        p.requires_grad_(False)
-    return Trained(data, rng, model, baseline)
-
-
-@dataclass
-class RunResult:
-    cfg: Config
-    data: Data
-    fidi_mu: float
-    fidi_sigma: float
-    drift_rows: dict       # name -> Scored, on the drifted set the stream sampled from
-    holdout_rows: dict     # name -> Scored, on the fresh drifted holdout
-    clean_before: Scored   # the self-healing MLP on the clean test set, before the stream
-    clean_after: Scored    # and after it: forgetting
-    bayes_accuracy: float
-    bayes_auc: float
-    cost_threshold: float  # cost-optimal threshold of the healed model, chosen on the drifted set
-    log: StreamLog
-    registry: ModelRegistry
-    model: SelfHealingMLP
-
-    def summary(self) -> dict:
-        """The per-seed figures a sweep aggregates."""
-        d, h = self.drift_rows, self.holdout_rows
-        return {
-            "seed": self.cfg.seed,
-            "recovery_pp": 100 * (d["healed"].metrics.accuracy - d["no_healing"].metrics.accuracy),
-            "prequential_lift_pp": 100 * self.log.prequential.mean,
-            "holdout_accuracy": h["healed"].metrics.accuracy,
-            "holdout_auc": h["healed"].roc_auc,
-            "f1_change": d["healed"].metrics.f1 - d["no_healing"].metrics.f1,
-            "forgetting_pp": 100 * (self.clean_after.metrics.accuracy - self.clean_before.metrics.accuracy),
-            "cost_change": d["healed"].cost - d["no_healing"].cost,
-            "heals": self.log.counts["heal"],
-            "rollbacks": self.log.counts["rollback"],
-        }
 
 
 ROW_TITLES = {
@@ -1243,68 +959,376 @@ ROW_TITLES = {
 }
 
 
-def evaluate(cfg: Config, ds: Dataset, scores: dict, drifted: bool = True) -> dict:
-    """Score every model's probabilities on one set, with the trivial and Bayes references."""
-    scores = dict(scores)
-    scores["always_normal"] = np.zeros(len(ds.y), dtype=np.float32)
-    scores["bayes"] = bayes_posterior(ds.X, cfg, drifted, fraud_prior(len(ds.y), cfg))
-    return {name: score(name, ds.y, p, cfg) for name, p in scores.items()}
+def score_set(cfg: Config, ds: Dataset, probabilities: dict) -> dict:
+    """Score every model's probabilities on one drifted set, with the trivial and Bayes references."""
+    probabilities = dict(probabilities)
+    probabilities["always_normal"] = np.zeros(len(ds.y), dtype=np.float32)
+    probabilities["bayes"] = bayes_posterior(ds.X, cfg, fraud_prior(len(ds.y), cfg))
+    return {name: score_model(name, ds.y, p, cfg) for name, p in probabilities.items()}
 
 
-def run_experiment(cfg: Config, trained: Trained = None, batches: Iterable = None,
-                   console: Callable[[str], None] = print, export_dir: Path = None,
-                   keep_records: bool = True) -> RunResult:
-    """The whole experiment after argument parsing. Tests pass `trained` (to reuse a
-    training), `batches` (to inject faults) and their own `console`."""
-    trained = trained or prepare(cfg)
-    data = trained.data
-    # Copies, so that one training can serve several runs (tests do this).
-    model, rng = copy.deepcopy(trained.model), copy.deepcopy(trained.rng)
-    baseline = trained.baseline
-    shadow = copy.deepcopy(baseline)
+@dataclass
+class Evaluation:
+    drift_rows: dict       # name -> Scored, on the drifted set the stream sampled from
+    holdout_rows: dict     # name -> Scored, on the fresh drifted holdout
+    clean_before: Scored   # the self-healing MLP on the clean test set, before the stream
+    clean_after: Scored    # and after it: forgetting
+    bayes_accuracy: float
+    bayes_auc: float
+    cost_threshold: float  # cost-optimal threshold of the healed model, chosen on the drifted set
+    healed_at_cost_threshold: Metrics  # the healed model at that threshold, on the holdout
 
-    clean_before = score("clean", data.test.y, predict_proba(model, data.test.X), cfg)
-    never_healed = {name: predict_proba(model, ds.X) for name, ds in (("drift", data.drift), ("holdout", data.holdout))}
-    fidi = FIDIMonitor(data.train.X[:, V14], cfg.fidi_window, cfg.fidi_threshold)
 
-    exporter = Exporter(export_dir, cfg) if export_dir is not None else None
-    log = StreamLog(keep_records)
-    if exporter:
-        log.record_listeners.append(exporter.write_record)
-        log.event_listeners.append(exporter.write_event)
-    if not cfg.quiet:
-        log.record_listeners.append(_batch_printer(console))
-        console(BATCH_HEADER)
+def evaluate_run(run: RunResult) -> Evaluation:
+    """Every model on the drifted set and on the fresh holdout, against the references."""
+    cfg, data, trained = run.cfg, run.data, run.trained
+    models = {"no_healing": trained.baseline, "shadow": run.shadow, "healed": run.model,
+              "never_healed": trained.model}
+    rows = {name: score_set(cfg, ds, {k: predict_proba(m, ds.X) for k, m in models.items()})
+            for name, ds in (("drift", data.drift), ("holdout", data.holdout))}
+    threshold = cost_optimal_threshold(data.drift.y, predict_proba(run.model, data.drift.X), cfg)
+    bayes_accuracy, bayes_auc = bayes_limits(cfg, fraud_prior(cfg.n_drift, cfg))
+    return Evaluation(rows["drift"], rows["holdout"],
+                      score_model("clean", data.test.y, predict_proba(trained.model, data.test.X), cfg),
+                      score_model("clean", data.test.y, predict_proba(run.model, data.test.X), cfg),
+                      bayes_accuracy, bayes_auc, threshold,
+                      metrics_at(data.holdout.y, predict_proba(run.model, data.holdout.X), threshold))
+
+
+# -- Seeds
+
+# The per-seed figures a sweep aggregates, and how each is printed.
+SWEEP_FIGURES = {"recovery_pp": "+.1f", "prequential_lift_pp": "+.1f", "holdout_accuracy": ".3f",
+                 "holdout_auc": ".3f", "f1_change": "+.3f", "forgetting_pp": "+.1f", "cost_change": "+,.0f"}
+
+
+def seed_summary(cfg: Config) -> dict:
+    """One seed's run, reduced to the figures a sweep aggregates."""
+    run = run_experiment(cfg, console=lambda line: None, keep_records=False)
+    e, log = evaluate_run(run), run.log
+    d, h = e.drift_rows, e.holdout_rows
+    return {
+        "seed": cfg.seed,
+        "recovery_pp": 100 * (d["healed"].metrics.accuracy - d["no_healing"].metrics.accuracy),
+        "prequential_lift_pp": 100 * log.prequential.mean,
+        "holdout_accuracy": h["healed"].metrics.accuracy,
+        "holdout_auc": h["healed"].roc_auc,
+        "f1_change": d["healed"].metrics.f1 - d["no_healing"].metrics.f1,
+        "forgetting_pp": 100 * (e.clean_after.metrics.accuracy - e.clean_before.metrics.accuracy),
+        "cost_change": d["healed"].cost - d["no_healing"].cost,
+        "heals": log.counts["heal"],
+        "rollbacks": log.counts["rollback"],
+    }
+
+
+def sweep_configs(cfg: Config) -> list[Config]:
+    """One config per seed of the sweep: seed, seed+1, ..., each a quiet single run."""
+    return [dataclasses.replace(cfg, seed=cfg.seed + k, seeds=1, quiet=True, no_plots=True)
+            for k in range(cfg.seeds)]
+
+
+def bootstrap_interval(values: np.ndarray, n_resamples: int = 10_000) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean, from a fixed generator."""
+    rng = np.random.RandomState(0)
+    means = values[rng.randint(0, len(values), (n_resamples, len(values)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+@dataclass(frozen=True)
+class Spread:
+    """One figure across seeds."""
+    mean: float
+    sd: float  # NaN for a single seed
+    low: float
+    high: float
+    min: float
+    max: float
+
+
+def sweep_spread(summaries: list[dict]) -> dict:
+    """figure -> its Spread across the seeds."""
+    spreads = {}
+    for name in SWEEP_FIGURES:
+        values = np.array([s[name] for s in summaries])
+        low, high = bootstrap_interval(values)
+        sd = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+        spreads[name] = Spread(float(values.mean()), sd, low, high, float(values.min()), float(values.max()))
+    return spreads
+
+
+# Part III. The heal engine
+#
+# The stream of Part I as a service would run it: heals in a worker thread or process,
+# never holding a lock that inference needs; bounded waits; a failed or hung heal
+# contained; bad batches quarantined; optionally, heals applied without waiting.
+# Uses Parts I and II.
+
+def use_one_torch_thread() -> None:
+    """Tensors here are small: one thread per process is fastest, and leaves the other cores
+    to the work that runs beside it (baseline training, plots, a heal worker, other seeds)."""
+    torch.set_num_threads(1)
+
+
+def to_arrays(state: dict) -> dict:
+    """A state dict as numpy copies, to send to another process. Tensors sent there go
+    by shared memory: torch moves their storage in place, under the feet of any thread
+    computing with them, and it costs milliseconds; numpy copies go as plain bytes."""
+    return {k: v.detach().numpy().copy() for k, v in state.items()}
+
+
+def from_arrays(arrays: dict) -> dict:
+    return {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+
+def _worker_main(target: Callable, conn, *args) -> None:
+    """Every child process starts here: one torch thread, then target(conn, *args).
+    A parent that has gone away closes the pipe: the child then leaves quietly."""
+    use_one_torch_thread()
     try:
-        stream = SelfHealingStream(model, shadow, baseline, fidi, cfg, log)
-        stream.run(batches if batches is not None else drifted_batches(data.drift, cfg, rng))
-
-        def scores(name: str, ds: Dataset) -> dict:
-            models = {"no_healing": baseline, "shadow": shadow, "healed": model}
-            return {**{k: predict_proba(m, ds.X) for k, m in models.items()}, "never_healed": never_healed[name]}
-
-        drift_scores = scores("drift", data.drift)
-        drift_rows = evaluate(cfg, data.drift, drift_scores)
-        holdout_rows = evaluate(cfg, data.holdout, scores("holdout", data.holdout))
-        threshold = cost_optimal_threshold(data.drift.y, drift_scores["healed"], cfg)
-        bayes_accuracy, bayes_auc = bayes_limits(cfg, True, fraud_prior(cfg.n_drift, cfg))
-        result = RunResult(cfg, data, fidi.mu, fidi.sigma, drift_rows, holdout_rows, clean_before,
-                           score("clean", data.test.y, predict_proba(model, data.test.X), cfg),
-                           bayes_accuracy, bayes_auc, threshold, log, stream.registry, model)
-        if exporter:
-            exporter.finish()
-    except BaseException:
-        if exporter:
-            exporter.abort()
-        raise
-    return result
+        target(conn, *args)
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        pass
 
 
-# -- Report
+def start_worker(target: Callable, *args, method: str = "spawn", daemon: bool = True):
+    """Start target(conn, *args) in a child process; return it and our end of a duplex pipe.
+    The one way this file starts processes. spawn: a fresh interpreter (about 2 s to import
+    torch), safe beside running threads; fork: starts in milliseconds with everything imported."""
+    import multiprocessing
+    context = multiprocessing.get_context(method)
+    ours, theirs = context.Pipe()
+    process = context.Process(target=_worker_main, args=(target, theirs, *args), daemon=daemon,
+                              name=getattr(target, "__name__", "worker"))
+    process.start()
+    theirs.close()
+    return process, ours
 
-BATCH_HEADER = (f"{'batch':>5}  {'state':<11}  {'action':<13}  {'z':>6}  {'confl':>5}  {'pos_w':>5}  "
-                f"{'served':>6}  {'healed':>6}  {'shadow':>6}  {'lift':>6}  {'preq':>6}")
 
+class ThreadHealer:
+    """Heals in a daemon thread of this process. Starts at once; but the thread
+    shares the interpreter lock with inference, which slows predictions (never
+    stops them: no lock of ours is shared) while a heal runs."""
+
+    def __init__(self, model: SelfHealingMLP, cfg: Config):
+        self.model, self.cfg = model, cfg
+        self.trainer = AdapterTrainer(model, cfg)
+        self.future: Optional[Future] = None
+        self.started = 0.0
+
+    def submit(self, batch: HealBatch, weight: float) -> None:
+        future, trainer = Future(), self.trainer
+
+        def work():
+            try:
+                future.set_result(trainer.heal(batch, weight))
+            except BaseException as e:  # contained: reported by result()
+                future.set_exception(e)
+
+        self.future, self.started = future, time.monotonic()
+        threading.Thread(target=work, name="heal", daemon=True).start()
+
+    def busy(self) -> bool:
+        return self.future is not None and not self.future.done()
+
+    def result(self, timeout: float) -> HealResult:
+        """The finished heal, or HealRejected; never waits longer than timeout."""
+        future, self.future = self.future, None
+        try:
+            return future.result(timeout=timeout)
+        except FuturesTimeoutError:
+            self.abandon()
+            raise HealRejected(f"heal did not finish within {timeout:g} s") from None
+        except HealRejected:
+            raise
+        except Exception as e:
+            raise HealRejected(f"heal raised {type(e).__name__}: {e}") from None
+
+    def restore(self, state: dict) -> None:
+        self.trainer.restore(state)
+
+    def abandon(self) -> None:
+        """Leave a hung heal to its (daemon) thread and start again from the served
+        weights; the abandoned thread's trainer is never used again."""
+        self.future = None
+        self.trainer = AdapterTrainer(self.model, self.cfg)
+
+    def close(self) -> None:
+        self.future = None
+
+
+def heal_worker_loop(conn, model_arrays: dict, cfg: Config) -> None:
+    """The heal worker process: heal or restore on request, reply with the outcome."""
+    model = SelfHealingMLP(cfg.hidden_dim)
+    model.load_state_dict(from_arrays(model_arrays))
+    model.freeze_backbone_and_head()
+    trainer = AdapterTrainer(model, cfg)
+    while True:
+        message = conn.recv()
+        if message[0] == "heal":
+            try:
+                result = trainer.heal(*message[1:])
+                conn.send(("ok", (to_arrays(result.layer.state_dict()), result.losses, result.seconds)))
+            except Exception as e:
+                conn.send(("error", e if isinstance(e, HealRejected) else f"heal raised {type(e).__name__}: {e}"))
+        elif message[0] == "restore":
+            trainer.restore(from_arrays(message[1]))
+        else:
+            return
+
+
+class ProcessHealer:
+    """Heals in a worker process, so that heal steps share nothing with inference.
+    Starting one costs an import of torch (about 2 s), and each heal ships the
+    batch there and the new layer back (tens of kB). A hung worker is killed."""
+
+    def __init__(self, model: SelfHealingMLP, cfg: Config):
+        self.model, self.cfg = model, cfg
+        self.process, self.conn = None, None
+        self.pending = False
+        self.started = 0.0
+
+    def submit(self, batch: HealBatch, weight: float) -> None:
+        if self.process is None:
+            self.process, self.conn = start_worker(heal_worker_loop, to_arrays(self.model.state_dict()), self.cfg)
+        self.conn.send(("heal", batch, weight))
+        self.pending, self.started = True, time.monotonic()
+
+    def busy(self) -> bool:
+        return self.pending and not self.conn.poll()
+
+    def result(self, timeout: float) -> HealResult:
+        self.pending = False
+        try:
+            if not self.conn.poll(timeout):
+                self.abandon()
+                raise HealRejected(f"heal did not finish within {timeout:g} s")
+            status, payload = self.conn.recv()
+        except (EOFError, OSError) as e:
+            self.abandon()
+            raise HealRejected(f"heal worker died: {type(e).__name__}") from None
+        if status != "ok":
+            raise payload if isinstance(payload, HealRejected) else HealRejected(payload)
+        arrays, losses, seconds = payload
+        layer = copy.deepcopy(self.model.reflexive)  # a new object to serve, built from the arrays
+        layer.load_state_dict(from_arrays(arrays))
+        return HealResult(layer, losses, seconds)
+
+    def restore(self, state: dict) -> None:
+        if self.process is not None:  # applied before the next heal: the pipe keeps order
+            self.conn.send(("restore", to_arrays(state)))
+
+    def abandon(self) -> None:
+        """Kill the worker; the next heal starts a new one from the served weights."""
+        self.pending = False
+        if self.process is not None:
+            self.process.kill()
+            self.process.join(timeout=5)
+            self.conn.close()
+        self.process = self.conn = None
+
+    def close(self) -> None:
+        if self.process is None:
+            return
+        if self.pending:
+            self.abandon()
+            return
+        self.conn.send(("stop",))
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.kill()
+        self.process = self.conn = None
+
+
+HEALERS = dict(zip(HEAL_WORKERS, (ThreadHealer, ProcessHealer)))
+
+
+@dataclass
+class PendingHeal:
+    """--async-apply: the heal in flight, with what publishing it will need."""
+    batch: int
+    view: HealBatch
+    before: Metrics
+
+
+class HealEngineStream(SelfHealingStream):
+    """Part I's stream with its heals run by a worker (--heal-worker), waited for at most
+    --heal-timeout seconds, and rejected, never served, when they fail. A batch with
+    non-finite features is quarantined. With --async-apply the stream does not wait:
+    a heal is published at the first batch boundary after it finishes."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.healer = HEALERS[self.cfg.heal_worker](self.model, self.cfg)
+        self.pending: Optional[PendingHeal] = None
+
+    def serve_batches(self, batches) -> None:
+        i = 0
+        try:
+            for i, (X, y) in enumerate(batches, start=1):
+                self.step(i, X, y)
+            if self.pending is not None:  # account for the last heal too
+                self.publish_pending(i, wait=True)
+        finally:
+            self.healer.close()
+
+    def step(self, i: int, X: np.ndarray, y: np.ndarray) -> BatchRecord:
+        if not np.isfinite(X).all():
+            bad = int((~np.isfinite(X)).any(axis=1).sum())
+            self.log.event("batch_quarantined", i, reason=f"{bad} rows with NaN or infinite features")
+            record = BatchRecord(i, "QUARANTINED", "quarantined")
+            self.log.record(record, drifting=False)
+            return record
+        if self.pending is not None and not self.healer.busy():
+            self.publish_pending(i, wait=False)
+        return super().step(i, X, y)
+
+    def heal(self, i: int, record: BatchRecord, view: HealBatch, before: Metrics) -> Optional[HealResult]:
+        if self.cfg.async_apply:
+            self.start_async(i, record, view, before)
+            return None
+        self.healer.submit(view, record.pos_weight)
+        try:
+            return self.healer.result(self.cfg.heal_timeout)
+        except HealRejected as e:
+            record.action = "heal_failed"
+            self.log.event("heal_failed", i, reason=str(e))
+            return None
+
+    def continue_from(self, state: dict) -> None:
+        self.healer.restore(state)
+
+    def start_async(self, i: int, record: BatchRecord, view: HealBatch, before: Metrics) -> None:
+        """Start a heal and serve on; one heal at a time, a late one abandoned."""
+        if self.pending is not None:
+            if time.monotonic() - self.healer.started <= self.cfg.heal_timeout:
+                record.action = "heal_busy"  # this batch's heal is skipped
+                return
+            self.healer.abandon()
+            self.log.event("heal_failed", self.pending.batch,
+                           reason=f"heal did not finish within {self.cfg.heal_timeout:g} s")
+        self.healer.submit(view, record.pos_weight)
+        self.pending = PendingHeal(i, view, before)
+        record.state, record.action = "HEALING", "heal_started"
+
+    def publish_pending(self, i: int, wait: bool) -> None:
+        """Publish the heal in flight at batch i's boundary (its own batch's row is already written)."""
+        pending, self.pending = self.pending, None
+        record = BatchRecord(pending.batch, "HEALING", "heal")  # bookkeeping only
+        try:
+            result = self.healer.result(self.cfg.heal_timeout if wait else 0)
+        except HealRejected as e:
+            self.log.event("heal_failed", pending.batch, reason=str(e))
+            return
+        self.publish(pending.batch, record, pending.view, pending.before, result, applied_at=i)
+        self.roll_back_if_degraded(i, record, result.layer)
+
+
+# Part IV. Outputs
+#
+# What a person reads: the pipeline's stage lines and the per-batch table on the console,
+# the report under it, the monitoring exports (metrics.csv, events.json,
+# threshold_config.json) and the plots. Every file is written whole or not at all.
+# Uses Parts I to III.
 
 def _num(value, spec: str, width: int = 0) -> str:
     """A number formatted by spec, or '-' when missing, right-aligned to width."""
@@ -1312,16 +1336,66 @@ def _num(value, spec: str, width: int = 0) -> str:
     return text.rjust(width)
 
 
-def _batch_printer(console):
-    def show(r: BatchRecord):
-        acc = lambda m: None if m is None else m.accuracy  # noqa: E731
-        console(f"{r.batch:>5}  {r.state:<11}  {r.action:<13}  {_num(r.z, '.3f', 6)}  {r.conflicts:>5}  "
-                f"{_num(r.pos_weight, '.2f', 5)}  {_num(acc(r.served), '.3f', 6)}  {_num(acc(r.healed), '.3f', 6)}  "
-                f"{_num(acc(r.shadow), '.3f', 6)}  {_num(r.lift, '+.3f', 6)}  {_num(r.prequential_lift, '+.3f', 6)}")
-    return show
+def _accuracy(m: Optional[Metrics]) -> Optional[float]:
+    return None if m is None else m.accuracy
 
 
-# The article's published figures (SPEC section 2), as it prints them.
+def pipeline_lines(cfg: Config, trained: Trained, fidi: FIDIMonitor) -> list[str]:
+    """One line per stage before the stream, in the order Part I runs them."""
+    data = trained.data
+    clean = metrics_at(data.test.y, predict_proba(trained.model, data.test.X))
+    return [
+        f"Data: {cfg.n_train:,} training, {cfg.n_test:,} clean test and {cfg.n_drift:,} drifted rows, "
+        f"{100 * fraud_prior(cfg.n_drift, cfg):.1f}% fraud; V14 mean and share < {cfg.rule_threshold:g}: "
+        f"clean test {v14_summary(data.test, cfg)}, drifted {v14_summary(data.drift, cfg)}.",
+        f"Training: {cfg.epochs} epochs; the self-healing MLP scores {100 * clean.accuracy:.1f}% on the clean "
+        f"test set (TP/TN/FP/FN {clean.counts}).",
+        f"FIDI calibrated on training V14: mu {fidi.mu:.3f}, sigma {fidi.sigma:.3f}; drifting when the z of the "
+        f"last {cfg.fidi_window} batch means exceeds {cfg.fidi_threshold:g}.",
+        f"Stream: {cfg.n_batches} batches of {cfg.batch_size} rows, drawn with replacement from the drifted set.",
+    ]
+
+
+# The per-batch console table: title, alignment and width, and what a record shows under it.
+BATCH_COLUMNS = (
+    ("batch", ">5", lambda r: str(r.batch)),
+    ("state", "<11", lambda r: r.state),
+    ("action", "<13", lambda r: r.action),
+    ("z", ">6", lambda r: _num(r.z, ".3f")),
+    ("confl", ">5", lambda r: str(r.conflicts)),
+    ("pos_w", ">5", lambda r: _num(r.pos_weight, ".2f")),
+    ("served", ">6", lambda r: _num(_accuracy(r.served), ".3f")),
+    ("healed", ">6", lambda r: _num(_accuracy(r.healed), ".3f")),
+    ("shadow", ">6", lambda r: _num(_accuracy(r.shadow), ".3f")),
+    ("lift", ">6", lambda r: _num(r.lift, "+.3f")),
+    ("preq", ">6", lambda r: _num(r.prequential_lift, "+.3f")),
+)
+
+
+def batch_header() -> str:
+    return "  ".join(format(title, spec) for title, spec, _ in BATCH_COLUMNS)
+
+
+def batch_line(r: BatchRecord) -> str:
+    return "  ".join(format(show(r), spec) for _, spec, show in BATCH_COLUMNS)
+
+
+def attach_outputs(log: StreamLog, cfg: Config, console: Callable[[str], None],
+                   export_dir: Optional[Path]) -> Optional["Exporter"]:
+    """Connect the console table and (when export_dir is given) the exporter to the stream's log."""
+    exporter = Exporter(export_dir, cfg) if export_dir is not None else None
+    if exporter:
+        log.record_listeners.append(exporter.write_record)
+        log.event_listeners.append(exporter.write_event)
+    if not cfg.quiet:
+        log.record_listeners.append(lambda r: console(batch_line(r)))
+        console(batch_header())
+    return exporter
+
+
+# -- The report
+
+# The article's published figures, as it prints them.
 ARTICLE_ROWS = {
     "clean": ("Clean (self-healing MLP, clean test)", "92.9%", "0.784", "0.727", "0.754", "109/820/30/41"),
     "no_healing": ("Under drift, no healing", "44.6%", "0.194", "0.853", "0.316", "128/318/532/22"),
@@ -1334,51 +1408,48 @@ def _formatted(m: Metrics) -> tuple:
     return (f"{100 * m.accuracy:.1f}%", f"{m.precision:.3f}", f"{m.recall:.3f}", f"{m.f1:.3f}", m.counts)
 
 
-def article_comparison(result: RunResult) -> list[tuple[str, str, str]]:
+def article_comparison(run: RunResult) -> list[tuple[str, str, str]]:
     """(figure, article, this run) for every number of the article's table and text."""
-    r, log = result, result.log
+    log, table = run.log, run.article_table()
     rows = []
     for key, (title, *article) in ARTICLE_ROWS.items():
-        ours = _formatted(r.clean_before.metrics if key == "clean" else r.drift_rows[key].metrics)
-        for label, a, o in zip(("accuracy", "precision", "recall", "F1", "TP/TN/FP/FN"), article, ours):
+        for label, a, o in zip(("accuracy", "precision", "recall", "F1", "TP/TN/FP/FN"), article,
+                               _formatted(table[key])):
             rows.append((f"{title}: {label}", a, o))
-    best = r.registry.best_post_heal()
+    best = run.registry.best_post_heal()
     lift = log.lift
     rows += [
-        ("Batches healed", "25 of 25", f"{log.counts['heal']} of {r.cfg.n_batches}"),
+        ("Batches healed", "25 of 25", f"{log.counts['heal']} of {run.cfg.n_batches}"),
         ("Rollbacks", "0", str(log.counts["rollback"])),
-        ("Registry snapshots saved", "51", str(r.registry.saved)),
+        ("Registry snapshots saved", "51", str(run.registry.saved)),
         ("Best post-heal snapshot", "v21 (batch 10, acc 0.710, F1 0.408)",
          "none" if best is None else f"v{best.version} (batch {best.batch}, acc {best.accuracy:.3f}, F1 {best.f1:.3f})"),
         ("Batches with positive lift", "25 of 25", f"{lift.positive} of {lift.n}"),
         ("Lift range", "+0.050 to +0.360", f"{lift.min:+.3f} to {lift.max:+.3f}" if lift.n else "-"),
         ("Mean lift (in-sample)", "+22.3 pp", f"{100 * lift.mean:+.1f} pp" if lift.n else "-"),
-        ("FIDI mu, sigma", "-0.363, 1.323", f"{r.fidi_mu:.3f}, {r.fidi_sigma:.3f}"),
+        ("FIDI mu, sigma", "-0.363, 1.323", f"{run.fidi.mu:.3f}, {run.fidi.sigma:.3f}"),
         ("z first above threshold", "batch 3", f"batch {log.first_drift_batch}" if log.first_drift_batch else "never"),
-        (f"Clean test V14: mean, share < {r.cfg.rule_threshold:g}", "-0.377, 18.8%", _v14_stats(r.data.test, r.cfg)),
-        (f"Drifted V14: mean, share < {r.cfg.rule_threshold:g}", "-2.261, 77.4%", _v14_stats(r.data.drift, r.cfg)),
+        (f"Clean test V14: mean, share < {run.cfg.rule_threshold:g}", "-0.377, 18.8%",
+         v14_summary(run.data.test, run.cfg)),
+        (f"Drifted V14: mean, share < {run.cfg.rule_threshold:g}", "-2.261, 77.4%",
+         v14_summary(run.data.drift, run.cfg)),
     ]
     return rows
 
 
-def _v14_stats(ds: Dataset, cfg: Config) -> str:
-    v = ds.X[:, V14]
-    return f"{v.mean():.3f}, {100 * np.mean(v < cfg.rule_threshold):.1f}%"
-
-
 def is_default_experiment(cfg: Config) -> bool:
     """True when every flag that shapes the article's numbers is at its default."""
-    ignored = {"out", "no_plots", "quiet", "seeds", "fn_cost", "fp_cost", "heal_timeout", "heal_worker",
-               "keep_best", "keep_last"}
     default = Config()
-    return all(getattr(cfg, f.name) == getattr(default, f.name) for f in dataclasses.fields(cfg) if f.name not in ignored)
+    return all(getattr(cfg, f.name) == getattr(default, f.name)
+               for f in dataclasses.fields(cfg) if f.metadata["shapes_numbers"])
 
 
-def _table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
+def text_table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    fmt = lambda cells: "  ".join(f"{c:<{w}}" if a == "<" else f"{c:>{w}}"  # noqa: E731
-                                  for c, w, a in zip(cells, widths, align)).rstrip()
-    return [fmt(header), fmt(["-" * w for w in widths])] + [fmt([str(c) for c in row]) for row in rows]
+
+    def line(cells):
+        return "  ".join(f"{c:<{w}}" if a == "<" else f"{c:>{w}}" for c, w, a in zip(cells, widths, align)).rstrip()
+    return [line(header), line(["-" * w for w in widths])] + [line([str(c) for c in row]) for row in rows]
 
 
 def break_even_line(healed: Metrics, unhealed: Metrics, cfg: Config) -> str:
@@ -1393,13 +1464,13 @@ def break_even_line(healed: Metrics, unhealed: Metrics, cfg: Config) -> str:
             f"at ${cfg.fn_cost:,.0f} per missed fraud).")
 
 
-def report(result: RunResult) -> list[str]:
-    r, cfg, log = result, result.cfg, result.log
+def report(run: RunResult, e: Evaluation) -> list[str]:
+    cfg, log = run.cfg, run.log
     lines = ["", "Reproduction of the article's table (seed 42, default flags)"]
     if not is_default_experiment(cfg):
         lines.append("Note: flags differ from the article's defaults, so its figures are not expected here.")
-    rows = [[label, a, o, "match" if a == o else "DIFFERS"] for label, a, o in article_comparison(r)]
-    lines += _table(["figure", "article", "this run", ""], rows, "<>><")
+    rows = [[label, a, o, "match" if a == o else "DIFFERS"] for label, a, o in article_comparison(run)]
+    lines += text_table(["figure", "article", "this run", ""], rows, "<>><")
     matched = sum(row[3] == "match" for row in rows)
     lines.append(f"{matched} of {len(rows)} figures match the article.")
 
@@ -1409,37 +1480,82 @@ def report(result: RunResult) -> list[str]:
               f"per false alarm."]
     header = ["set", "model", "acc", "prec", "recall", "F1", "TP/TN/FP/FN", "ROC-AUC", "PR-AUC", "cost/1000"]
     rows = []
-    for set_name, scored in (("drifted", r.drift_rows), ("holdout", r.holdout_rows)):
+    for set_name, scored in (("drifted", e.drift_rows), ("holdout", e.holdout_rows)):
         for key, s in scored.items():
             m = s.metrics
             rows.append([set_name, ROW_TITLES[key], f"{100 * m.accuracy:.1f}%", f"{m.precision:.3f}",
-                         f"{m.recall:.3f}", f"{m.f1:.3f}", m.counts, _num(s.roc_auc, ".3f", 0),
-                         _num(s.pr_auc, ".3f", 0), f"{s.cost:,.0f}"])
-    lines += _table(header, rows, "<<>>>>>>>>")
-    healed_at_t = metrics_at(r.data.holdout.y, predict_proba(r.model, r.data.holdout.X), r.cost_threshold)
+                         f"{m.recall:.3f}", f"{m.f1:.3f}", m.counts, _num(s.roc_auc, ".3f"),
+                         _num(s.pr_auc, ".3f"), f"{s.cost:,.0f}"])
+    lines += text_table(header, rows, "<<>>>>>>>>")
     lines += [
         "",
         f"Mean prequential lift (model that served each batch, before its heal, minus shadow): "
         f"{100 * log.prequential.mean:+.1f} pp accuracy, {100 * log.prequential_f1.mean:+.1f} pp F1 "
         f"(the article's in-sample lift: {_num(100 * log.lift.mean, '+.1f')} pp).",
-        f"Bayes-optimal limits at drift {cfg.drift_strength:g}: accuracy {100 * r.bayes_accuracy:.1f}%, "
-        f"ROC-AUC {r.bayes_auc:.3f} (likelihood ratio; a threshold on V14 alone reaches at most "
-        f"{v14_threshold_auc(cfg, True):.3f}); always answering normal scores "
-        f"{100 * r.drift_rows['always_normal'].metrics.accuracy:.1f}% on the drifted set.",
-        f"Forgetting: clean-test accuracy {100 * r.clean_before.metrics.accuracy:.1f}% -> "
-        f"{100 * r.clean_after.metrics.accuracy:.1f}%, ROC-AUC {r.clean_before.roc_auc:.3f} -> {r.clean_after.roc_auc:.3f}.",
-        f"Cost-optimal threshold for the healed model (chosen on the drifted set): {r.cost_threshold:.3f}; "
-        f"on the holdout it costs {cost_per_1000(healed_at_t, cfg):,.0f} per 1,000 rows "
-        f"(at 0.5: {r.holdout_rows['healed'].cost:,.0f}).",
-        break_even_line(r.drift_rows["healed"].metrics, r.drift_rows["no_healing"].metrics, cfg),
-        f"Registry: {r.registry.saved} snapshots saved, {len(r.registry.snapshots)} retained "
+        f"Bayes-optimal limits at drift {cfg.drift_strength:g}: accuracy {100 * e.bayes_accuracy:.1f}%, "
+        f"ROC-AUC {e.bayes_auc:.3f} (likelihood ratio; a threshold on V14 alone reaches at most "
+        f"{v14_threshold_auc(cfg):.3f}); always answering normal scores "
+        f"{100 * e.drift_rows['always_normal'].metrics.accuracy:.1f}% on the drifted set.",
+        f"Forgetting: clean-test accuracy {100 * e.clean_before.metrics.accuracy:.1f}% -> "
+        f"{100 * e.clean_after.metrics.accuracy:.1f}%, ROC-AUC {e.clean_before.roc_auc:.3f} -> "
+        f"{e.clean_after.roc_auc:.3f}.",
+        f"Cost-optimal threshold for the healed model (chosen on the drifted set): {e.cost_threshold:.3f}; "
+        f"on the holdout it costs {cost_per_1000(e.healed_at_cost_threshold, cfg):,.0f} per 1,000 rows "
+        f"(at 0.5: {e.holdout_rows['healed'].cost:,.0f}).",
+        break_even_line(e.drift_rows["healed"].metrics, e.drift_rows["no_healing"].metrics, cfg),
+        f"Registry: {run.registry.saved} snapshots saved, {len(run.registry.snapshots)} retained "
         f"(clean, best {cfg.keep_best}, last {cfg.keep_last}). Events: " +
         ", ".join(f"{v} {k}" for k, v in log.counts.items()) + ".",
     ]
     return lines
 
 
-# -- Export
+def sweep_report(summaries: list[dict], spreads: dict) -> list[str]:
+    rows = []
+    for name, spec in SWEEP_FIGURES.items():
+        s = spreads[name]
+        rows.append([name, format(s.mean, spec), _num(s.sd, spec.lstrip("+")),
+                     f"[{format(s.low, spec)}, {format(s.high, spec)}]", format(s.min, spec), format(s.max, spec)])
+    return ["", f"Across {len(summaries)} seeds (pp = percentage points; cost per 1,000 rows; 95% bootstrap "
+                f"interval of the mean):",
+            *text_table(["figure", "mean", "sd", "95% interval", "min", "max"], rows, "<>>>>>")]
+
+
+# -- Exports
+
+class AtomicFile:
+    """A file written under a temporary name beside its target and renamed into place by
+    commit(): readers never see half a file, and a failed run leaves the previous one
+    as it was. The temporary name is unique, so two writers never share one."""
+
+    def __init__(self, path: Path, binary: bool = False):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        self.file = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="")
+
+    def commit(self) -> None:
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self.file
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    with AtomicFile(path) as f:
+        f.write(text)
+
 
 def _json_safe(value):
     """Strict JSON: NaN and infinities become null, numpy scalars plain numbers."""
@@ -1454,11 +1570,39 @@ def _json_safe(value):
     return value
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside path, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8", newline="")
-    os.replace(tmp, path)
+def csv_cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6f}" if math.isfinite(value) else ""
+    return str(value)
+
+
+def _lookup(record: BatchRecord, path: str):
+    """record.a.b, or None where a part is missing."""
+    value = record
+    for part in path.split("."):
+        value = None if value is None else getattr(value, part)
+    return value
+
+
+# metrics.csv: each column and the record attribute written under it.
+CSV_TABLE = (
+    [(name, name) for name in ("batch", "state", "action", "z", "conflicts", "fraud_frac", "pos_weight")]
+    + [(f"{model}_{m}", f"{model}.{m}") for model in ("healed", "served", "shadow", "baseline")
+       for m in ("accuracy", "precision", "recall", "f1")]
+    + [(name, name) for name in ("lift", "prequential_lift", "prequential_f1_lift", "monitor_accuracy",
+                                 "monitor_f1", "version_pre", "version_post", "restored_version")]
+)
+CSV_COLUMNS = [column for column, _ in CSV_TABLE]
+
+
+def csv_row(r: BatchRecord) -> list[str]:
+    return [csv_cell(_lookup(r, path)) for _, path in CSV_TABLE]
+
+
+def threshold_dict(cfg: Config) -> dict:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata["threshold"]}
 
 
 class Exporter:
@@ -1469,12 +1613,10 @@ class Exporter:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
-        self.paths = {name: self.dir / name for name in ("metrics.csv", "events.json")}
-        self.tmp = {name: path.with_name(f".{name}.tmp") for name, path in self.paths.items()}
-        self._csv_file = open(self.tmp["metrics.csv"], "w", encoding="utf-8", newline="")
-        self._csv = csv.writer(self._csv_file, lineterminator="\n")
+        self.files = [AtomicFile(self.dir / "metrics.csv"), AtomicFile(self.dir / "events.json")]
+        self._csv = csv.writer(self.files[0].file, lineterminator="\n")
         self._csv.writerow(CSV_COLUMNS)
-        self._events = open(self.tmp["events.json"], "w", encoding="utf-8")
+        self._events = self.files[1].file
         self._events.write("[")
         self._n_events = 0
 
@@ -1487,18 +1629,22 @@ class Exporter:
 
     def finish(self) -> None:
         self._events.write("\n]\n")
-        self._csv_file.close()
-        self._events.close()
-        for name in self.paths:
-            os.replace(self.tmp[name], self.paths[name])
+        for f in self.files:
+            f.commit()
         write_atomic(self.dir / "threshold_config.json",
                      json.dumps(threshold_dict(self.cfg), indent=2, allow_nan=False) + "\n")
 
     def abort(self) -> None:
-        for f in (self._csv_file, self._events):
-            f.close()
-        for tmp in self.tmp.values():
-            tmp.unlink(missing_ok=True)
+        for f in self.files:
+            f.discard()
+
+
+def write_sweep_csv(summaries: list[dict], directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    columns = ["seed", *SWEEP_FIGURES, "heals", "rollbacks"]
+    lines = [",".join(columns)] + [",".join(csv_cell(s[c]) for c in columns) for s in summaries]
+    write_atomic(directory / "seed_sweep.csv", "\n".join(lines) + "\n")
+    return directory / "seed_sweep.csv"
 
 
 # -- Plots
@@ -1539,16 +1685,17 @@ def _metric_over_batches(ax, records, metric, title):
 @dataclass
 class PlotData:
     """What the plots draw, gathered once from a run."""
-    result: RunResult
+    run: RunResult
+    evaluation: Evaluation
     records: list       # batches that were served (quarantined ones are left out)
     batches: np.ndarray
     z: np.ndarray
     rollbacks: list
 
     @classmethod
-    def of(cls, result: RunResult) -> "PlotData":
-        records = [r for r in result.log.records if r.served is not None]
-        return cls(result, records, np.array([r.batch for r in records]), _series(records, "z"),
+    def of(cls, run: RunResult, evaluation: Evaluation) -> "PlotData":
+        records = [r for r in run.log.records if r.served is not None]
+        return cls(run, evaluation, records, np.array([r.batch for r in records]), _series(records, "z"),
                    [r for r in records if r.restored_version is not None])
 
 
@@ -1580,7 +1727,7 @@ def plot_lift(plt, d: PlotData):
 
 
 def plot_fidi(plt, d: PlotData):
-    threshold = d.result.cfg.fidi_threshold
+    threshold = d.run.cfg.fidi_threshold
     fig, ax = plt.subplots(figsize=(10, 5.5), layout="constrained")
     ax.plot(d.batches, d.z, "o-", color=COLORS["healed"], label="FIDI z-score of V14")
     ax.axhline(threshold, color=COLORS["threshold"], ls="--", label=f"threshold {threshold:g}")
@@ -1595,8 +1742,9 @@ def plot_fidi(plt, d: PlotData):
 
 def plot_states(plt, d: PlotData):
     fig, ax = plt.subplots(figsize=(10, 4), layout="constrained")
-    state_colors = {"HEALTHY": "#2ca02c", "DRIFTING": "#ff7f0e", "HEALING": "#1f77b4", "ROLLED_BACK": "#d62728"}
-    for r in d.records:
+    state_colors = {"HEALTHY": "#2ca02c", "DRIFTING": "#ff7f0e", "HEALING": "#1f77b4", "ROLLED_BACK": "#d62728",
+                    "QUARANTINED": "#7f7f7f"}
+    for r in d.run.log.records:  # quarantined batches too
         ax.barh(STATES.index(r.state), 0.9, left=r.batch - 0.45, color=state_colors[r.state])
     ax.set_yticks(range(len(STATES)), STATES)
     ax.set(title="Engine state per batch", xlabel="stream batch", xlim=(0.4, max(d.batches, default=1) + 0.6),
@@ -1618,16 +1766,16 @@ def plot_f1(plt, d: PlotData):
 def plot_registry(plt, d: PlotData):
     """Every snapshot by version, with the rollback target."""
     fig, ax = plt.subplots(figsize=(10, 5.5), layout="constrained")
-    heals = [e for e in d.result.log.events if e["type"] == "heal"]
+    heals = [e for e in d.run.log.events if e["type"] == "heal"]
     ax.plot([e["version_pre"] for e in heals], [e["f1_before"] for e in heals], "o", color=COLORS["shadow"],
             label="pre-heal snapshot")
     ax.plot([e["version_post"] for e in heals], [e["f1_after"] for e in heals], "o", color=COLORS["healed"],
             label="post-heal snapshot")
-    best = d.result.registry.best_post_heal()
+    best = d.run.registry.best_post_heal()
     if best is not None:
         ax.plot([best.version], [best.f1], "*", ms=20, color=COLORS["threshold"],
                 label=f"rollback target v{best.version} (batch {best.batch}, F1 {best.f1:.3f})")
-    ax.set(title=f"Registry: {d.result.registry.saved} snapshots by version (F1 on their batch)",
+    ax.set(title=f"Registry: {d.run.registry.saved} snapshots by version (F1 on their batch)",
            xlabel="version (v1 = clean)", ylabel="F1", ylim=(0, 1.02))
     ax.grid(alpha=0.3)
     _legend_below(ax, ncol=3)
@@ -1635,11 +1783,11 @@ def plot_registry(plt, d: PlotData):
 
 
 def plot_metric_bars(plt, d: PlotData):
-    r = d.result
-    bars = [("clean", r.clean_before.metrics), ("no healing", r.drift_rows["no_healing"].metrics),
-            ("shadow", r.drift_rows["shadow"].metrics), ("healed", r.drift_rows["healed"].metrics),
-            ("healed, holdout", r.holdout_rows["healed"].metrics),
-            ("always normal", r.drift_rows["always_normal"].metrics)]
+    e = d.evaluation
+    bars = [("clean", e.clean_before.metrics), ("no healing", e.drift_rows["no_healing"].metrics),
+            ("shadow", e.drift_rows["shadow"].metrics), ("healed", e.drift_rows["healed"].metrics),
+            ("healed, holdout", e.holdout_rows["healed"].metrics),
+            ("always normal", e.drift_rows["always_normal"].metrics)]
     names = ("accuracy", "precision", "recall", "f1")
     fig, ax = plt.subplots(figsize=(11, 5.5), layout="constrained")
     width = 0.8 / len(bars)
@@ -1657,7 +1805,7 @@ def plot_dashboard(plt, d: PlotData):
     _metric_over_batches(axes[0, 0], d.records, "accuracy", "Accuracy")
     _metric_over_batches(axes[0, 1], d.records, "f1", "F1")
     axes[1, 0].plot(d.batches, d.z, "o-", color=COLORS["healed"])
-    axes[1, 0].axhline(d.result.cfg.fidi_threshold, color=COLORS["threshold"], ls="--")
+    axes[1, 0].axhline(d.run.cfg.fidi_threshold, color=COLORS["threshold"], ls="--")
     axes[1, 0].set(title="FIDI z-score (dashed: threshold)", xlabel="stream batch", ylabel="z")
     axes[1, 1].bar(d.batches, _series(d.records, "prequential_lift"), color=COLORS["served"])
     axes[1, 1].axhline(0, color="black", lw=0.8)
@@ -1675,7 +1823,7 @@ PLOTS = {"01_accuracy.png": plot_accuracy, "02_lift.png": plot_lift, "03_fidi_zs
          "08_dashboard.png": plot_dashboard}
 
 
-def _pyplot():
+def pyplot():
     """matplotlib, imported only when a plot is drawn (it costs about 0.3 s)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -1685,84 +1833,19 @@ def _pyplot():
 
 
 def save_figure(plt, fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")  # written whole, then renamed
-    fig.savefig(tmp, format="png")
+    with AtomicFile(path, binary=True) as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
 def draw_plots(data: PlotData, directory: Path, names) -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot()
     return [save_figure(plt, PLOTS[name](plt, data), directory / name) for name in names]
 
 
-def make_plots(result: RunResult, directory: Path) -> list[Path]:
-    """The eight plots, half of them drawn in a forked process at the same time."""
-    directory.mkdir(parents=True, exist_ok=True)
-    _pyplot()  # imported before the fork, so that the child has it too
-    data, names = PlotData.of(result), list(PLOTS)
-    other_half = Forked(draw_plots, data, directory, names[1::2])
-    return draw_plots(data, directory, names[0::2]) + other_half.result()
-
-
-# -- Seeds
-
-# figure -> how it is printed
-SWEEP_FIGURES = {"recovery_pp": "+.1f", "prequential_lift_pp": "+.1f", "holdout_accuracy": ".3f",
-                 "holdout_auc": ".3f", "f1_change": "+.3f", "forgetting_pp": "+.1f", "cost_change": "+,.0f"}
-
-
-def _seed_summary(cfg: Config) -> dict:
-    torch.set_num_threads(1)  # one process per core does better than two threads per process
-    return run_experiment(cfg, console=lambda line: None, keep_records=False).summary()
-
-
-def bootstrap_interval(values: np.ndarray, n_resamples: int = 10_000) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean, from a fixed generator."""
-    rng = np.random.RandomState(0)
-    means = values[rng.randint(0, len(values), (n_resamples, len(values)))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-def run_seeds(cfg: Config, console=print, workers: int = None) -> list[dict]:
-    """Run seeds cfg.seed .. cfg.seed + seeds - 1 in parallel processes and print their spread."""
-    seeds = [cfg.seed + k for k in range(cfg.seeds)]
-    configs = [dataclasses.replace(cfg, seed=s, seeds=1, quiet=True, no_plots=True) for s in seeds]
-    workers = workers or min(len(seeds), os.cpu_count() or 1)
-    console(f"Running seeds {seeds[0]}..{seeds[-1]} in {workers} processes.")
-    if workers > 1:
-        import multiprocessing
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            summaries = pool.map(_seed_summary, configs, chunksize=1)
-    else:
-        summaries = [_seed_summary(c) for c in configs]
-    rows = []
-    for name, spec in SWEEP_FIGURES.items():
-        values = np.array([s[name] for s in summaries])
-        low, high = bootstrap_interval(values)
-        sd = values.std(ddof=1) if len(values) > 1 else float("nan")
-        rows.append([name, format(values.mean(), spec), _num(sd, spec.lstrip("+")),
-                     f"[{format(low, spec)}, {format(high, spec)}]", format(values.min(), spec),
-                     format(values.max(), spec)])
-    console("")
-    console(f"Across {len(seeds)} seeds (pp = percentage points; cost per 1,000 rows; 95% bootstrap interval "
-            f"of the mean):")
-    for line in _table(["figure", "mean", "sd", "95% interval", "min", "max"], rows, "<>>>>>"):
-        console(line)
-    directory = Path(cfg.out) / "monitoring_export"
-    directory.mkdir(parents=True, exist_ok=True)
-    columns = ["seed", *SWEEP_FIGURES, "heals", "rollbacks"]
-    lines = [",".join(columns)] + [",".join(_cell(s[c]) for c in columns) for s in summaries]
-    write_atomic(directory / "seed_sweep.csv", "\n".join(lines) + "\n")
-    console(f"Wrote {directory / 'seed_sweep.csv'}")
-    if not cfg.no_plots:
-        _plot_seeds(summaries, Path(cfg.out) / "plots")
-    return summaries
-
-
-def _plot_seeds(summaries: list[dict], directory: Path) -> None:
-    plt = _pyplot()
+def plot_seed_sweep(summaries: list[dict], directory: Path) -> Path:
+    plt = pyplot()
     directory.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(10, 5.5), layout="constrained")
     seeds = [s["seed"] for s in summaries]
@@ -1774,10 +1857,195 @@ def _plot_seeds(summaries: list[dict], directory: Path) -> None:
     ax.set(title="Accuracy gain of healing, per seed", xlabel="seed", ylabel="percentage points")
     ax.grid(alpha=0.3, axis="y")
     _legend_below(ax, ncol=2)
-    save_figure(plt, fig, directory / "seed_sweep.png")
+    return save_figure(plt, fig, directory / "seed_sweep.png")
 
 
-# -- CLI
+# Part V. Speed
+#
+# Work that makes the run fast without changing one number: an Adam without torch.optim's
+# import, the baseline trained and half the plots drawn in forked processes, seeds spread
+# over processes. Each piece says what it saves and which test pins it. Uses Parts I to IV.
+
+class Adam:
+    """torch.optim.Adam's arithmetic on CPU (its single-tensor path), bit for bit.
+
+    Why not torch.optim.Adam itself: its first use imports torch._dynamo, which
+    costs about 1.5 s, more than this whole experiment's training.
+    Pinned by test_adam_matches_torch_optim_adam_bit_for_bit.
+    """
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params = list(params)
+        self.lr, (self.beta1, self.beta2), self.eps = lr, betas, eps
+        self.steps = [0] * len(self.params)
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            grad, m, v = p.grad, self.exp_avg[i], self.exp_avg_sq[i]
+            self.steps[i] += 1
+            m.lerp_(grad, 1 - self.beta1)
+            v.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+            bias_correction1 = 1 - self.beta1 ** self.steps[i]
+            bias_correction2 = 1 - self.beta2 ** self.steps[i]
+            denom = (v.sqrt() / bias_correction2 ** 0.5).add_(self.eps)
+            p.addcdiv_(m, denom, value=-(self.lr / bias_correction1))
+
+
+def _send_result(conn, fn: Callable, *args) -> None:
+    try:
+        conn.send(("ok", fn(*args)))
+    except Exception as e:
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+class Forked:
+    """fn(*args) in a child process; .result() returns what fn returned. Forked children
+    start in milliseconds with all imports done. Where fork is not safe to use (outside
+    Linux), fn simply runs in this process when .result() is called."""
+
+    def __init__(self, fn: Callable, *args, method: str = "fork", daemon: bool = True):
+        self.fn, self.args, self.process = fn, args, None
+        if method != "fork" or sys.platform == "linux":
+            self.process, self.conn = start_worker(_send_result, fn, *args, method=method, daemon=daemon)
+
+    def result(self):
+        if self.process is None:
+            return self.fn(*self.args)
+        try:
+            status, value = self.conn.recv()
+        except EOFError:  # the child died without a word
+            self.process.join()
+            status, value = "error", f"exit code {self.process.exitcode}"
+        self.process.join()
+        if status != "ok":
+            raise RuntimeError(f"{self.fn.__name__} failed in a child process: {value}")
+        return value
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
+def _train_to_arrays(model: nn.Module, data: Dataset, cfg: Config, orders: list) -> dict:
+    train(model, data, cfg, orders)
+    return to_arrays(model.state_dict())
+
+
+def train_side_by_side(model: nn.Module, baseline: nn.Module, data: Dataset, cfg: Config,
+                       model_orders: list, baseline_orders: list) -> None:
+    """Train the baseline in a forked process while this one trains the main model (saves
+    about 0.45 s of 0.9). Pinned by test_end_to_end_cli_writes_plots_and_exports, which runs
+    this path and checks the article's counts, trained in one process by the other tests."""
+    trained_baseline = Forked(_train_to_arrays, baseline, data, cfg, baseline_orders)
+    train(model, data, cfg, model_orders)
+    baseline.load_state_dict(from_arrays(trained_baseline.result()))
+
+
+def make_plots(run: RunResult, evaluation: Evaluation, directory: Path) -> list[Path]:
+    """The eight plots, half of them drawn in a forked process at the same time (saves about 0.5 s;
+    the CLI test checks that all eight are written)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    pyplot()  # imported before the fork, so that the child has it too
+    data, names = PlotData.of(run, evaluation), list(PLOTS)
+    other_half = Forked(draw_plots, data, directory, names[1::2])
+    return draw_plots(data, directory, names[0::2]) + other_half.result()
+
+
+def _apply_each(fn: Callable, items: list) -> list:
+    return [fn(x) for x in items]
+
+
+def map_in_processes(fn: Callable, items: list, workers: int) -> list:
+    """[fn(x) for x in items], spread over `workers` fresh processes, in order. The processes
+    are not daemons, so that fn may start processes of its own (a heal worker).
+    Pinned by test_seed_sweep_writes_csv_and_prints_intervals (the same figures as one run)."""
+    if workers <= 1 or len(items) <= 1:
+        return _apply_each(fn, items)
+    chunks = [items[k::workers] for k in range(min(workers, len(items)))]
+    children = [Forked(_apply_each, fn, chunk, method="spawn", daemon=False) for chunk in chunks]
+    try:
+        results = [child.result() for child in children]
+    finally:
+        for child in children:
+            child.stop()
+    ordered = [None] * len(items)
+    for k, chunk_results in enumerate(results):
+        ordered[k::len(chunks)] = chunk_results
+    return ordered
+
+
+# Part VI. The command line
+#
+# Flags to a validated Config (each field's rule lives with the field in Part I), the
+# threshold file, and main, which runs one seed or a sweep and writes the outputs.
+# Uses everything above.
+
+class ConfigError(ValueError):
+    """A user mistake in flags or in a threshold file: reported in one line."""
+
+
+def validate(cfg: Config) -> Config:
+    """Return cfg unchanged or raise ConfigError naming the first bad value."""
+    def fail(name: str, rule: str):
+        raise ConfigError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(cfg, name)!r}")
+
+    for f in dataclasses.fields(cfg):
+        value, check, choices = getattr(cfg, f.name), f.metadata["check"], f.metadata["choices"]
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f.name, "a finite number")
+        if check is not None and not check.ok(value):
+            fail(f.name, check.words)
+        if choices is not None and value not in choices:
+            fail(f.name, f"one of {', '.join(choices)}")
+    for name in ("n_train", "n_test", "n_drift"):
+        n = getattr(cfg, name)
+        if not 0 < int(n * cfg.fraud_ratio) < n:
+            fail(name, f"large enough to hold both classes at --fraud-ratio {cfg.fraud_ratio}")
+    return cfg
+
+
+def threshold_fields() -> dict:
+    """name -> type name of the fields that threshold_config.json holds."""
+    return {f.name: f.type for f in dataclasses.fields(Config) if f.metadata["threshold"]}
+
+
+def read_thresholds(path: str) -> dict:
+    """Read a threshold_config.json back: only known keys, each of its field's type."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read threshold file {path}: {e.strerror or e}") from None
+    try:
+        data = json.loads(text, parse_constant=lambda c: float("nan"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"threshold file {path} is not JSON: {e.msg} at line {e.lineno}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"threshold file {path} must hold one JSON object")
+    types = threshold_fields()
+    unknown = sorted(set(data) - set(types))
+    if unknown:
+        raise ConfigError(f"threshold file {path} has unknown keys: {', '.join(unknown)} "
+                          f"(known: {', '.join(types)})")
+    values = {}
+    for key, value in data.items():
+        want = types[key]
+        ok = (want == "int" and type(value) is int) or (want == "float" and type(value) in (int, float))
+        if not ok:
+            raise ConfigError(f"threshold file {path}: {key} must be {'an integer' if want == 'int' else 'a number'}, "
+                              f"got {json.dumps(value)}")
+        values[key] = float(value) if want == "float" else value
+    return values
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
@@ -1794,13 +2062,13 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} (default: {f.default})"
+        default = {} if suppress_defaults else {"default": f.default}
         if f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=help_text,
-                                **({} if suppress_defaults else {"default": f.default}))
+            parser.add_argument(flag, action="store_true", help=help_text, **default)
         else:
             kind = {"int": int, "float": float, "str": str}[f.type]
-            parser.add_argument(flag, type=kind, metavar=f.name.upper(), choices=f.metadata.get("choices"),
-                                help=help_text, **({} if suppress_defaults else {"default": f.default}))
+            parser.add_argument(flag, type=kind, metavar=f.name.upper(), choices=f.metadata["choices"],
+                                help=help_text, **default)
     parser.add_argument("--thresholds", metavar="FILE", help="read thresholds from a threshold_config.json; "
                         "flags given explicitly win over the file")
     return parser
@@ -1814,6 +2082,36 @@ def parse_config(argv: list[str]) -> Config:
         explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
         args.update({k: v for k, v in read_thresholds(thresholds).items() if k not in explicit})
     return validate(Config(**args))
+
+
+def run_and_report(cfg: Config, out: Path) -> int:
+    """One seed: train, stream, evaluate, print the report, write exports and plots."""
+    start = time.perf_counter()
+    run = run_experiment(cfg, trained=train_models(cfg, parallel=True), export_dir=out / "monitoring_export",
+                         keep_records=not cfg.no_plots)
+    evaluation = evaluate_run(run)
+    for line in report(run, evaluation):
+        print(line)
+    print(f"\nExported metrics.csv, events.json and threshold_config.json to {out / 'monitoring_export'}")
+    if not cfg.no_plots:
+        make_plots(run, evaluation, out / "plots")
+        print(f"Wrote {len(PLOTS)} plots to {out / 'plots'}")
+    print(f"Done in {time.perf_counter() - start:.1f} s.")
+    return 0
+
+
+def run_seed_sweep(cfg: Config, console: Callable[[str], None] = print, workers: int = None) -> list[dict]:
+    """Seeds cfg.seed .. cfg.seed + seeds - 1, in parallel processes; prints and writes their spread."""
+    configs = sweep_configs(cfg)
+    workers = workers or min(len(configs), os.cpu_count() or 1)
+    console(f"Running seeds {configs[0].seed}..{configs[-1].seed} in {workers} processes.")
+    summaries = map_in_processes(seed_summary, configs, workers)
+    for line in sweep_report(summaries, sweep_spread(summaries)):
+        console(line)
+    console(f"Wrote {write_sweep_csv(summaries, Path(cfg.out) / 'monitoring_export')}")
+    if not cfg.no_plots:
+        plot_seed_sweep(summaries, Path(cfg.out) / "plots")
+    return summaries
 
 
 def main(argv: list[str] = None) -> int:
@@ -1830,31 +2128,15 @@ def main(argv: list[str] = None) -> int:
         print(f"self_healing_production_final.py: error: cannot write to --out {cfg.out}: {e.strerror}",
               file=sys.stderr)
         return 2
-    # Tensors here are small: one thread per process is fastest, and leaves the
-    # other cores to the work that runs beside it (baseline training, plots).
-    torch.set_num_threads(1)
+    use_one_torch_thread()
     try:
-        return run(cfg, out)
+        if cfg.seeds > 1:
+            run_seed_sweep(cfg)
+            return 0
+        return run_and_report(cfg, out)
     except KeyboardInterrupt:
         print("\nInterrupted: exports and plots already in place are left as they were.", file=sys.stderr)
         return 130
-
-
-def run(cfg: Config, out: Path) -> int:
-    if cfg.seeds > 1:
-        run_seeds(cfg)
-        return 0
-    start = time.perf_counter()
-    result = run_experiment(cfg, trained=prepare(cfg, parallel=True), export_dir=out / "monitoring_export",
-                            keep_records=not cfg.no_plots)
-    for line in report(result):
-        print(line)
-    print(f"\nExported metrics.csv, events.json and threshold_config.json to {out / 'monitoring_export'}")
-    if not cfg.no_plots:
-        make_plots(result, out / "plots")
-        print(f"Wrote {len(PLOTS)} plots to {out / 'plots'}")
-    print(f"Done in {time.perf_counter() - start:.1f} s.")
-    return 0
 
 
 if __name__ == "__main__":

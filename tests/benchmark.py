@@ -39,7 +39,7 @@ def latency(n_calls: int) -> None:
     import self_healing_production_final as shp
     torch.set_num_threads(1)  # one core serves; the other heals (worker process) or idles
     cfg = shp.Config(quiet=True)
-    trained = shp.prepare(cfg)
+    trained = shp.train_models(cfg)
     X, y = trained.data.drift.X[:cfg.batch_size], trained.data.drift.y[:cfg.batch_size]
     batch = shp.HealBatch(X, y, shp.rule_labels(X, cfg))
     ms = lambda s: f"{1000 * s:.3f} ms"  # noqa: E731
@@ -91,7 +91,7 @@ def stream_child(n_batches: int) -> None:
     sys.path.insert(0, str(ROOT))
     import self_healing_production_final as shp
     cfg = shp.Config(n_batches=n_batches, quiet=True, no_plots=True)
-    trained = shp.prepare(cfg)
+    trained = shp.train_models(cfg)
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         result = shp.run_experiment(cfg, trained=trained, console=lambda line: None,

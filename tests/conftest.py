@@ -1,5 +1,6 @@
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,22 +20,31 @@ SMALL = dict(n_train=600, n_test=200, n_drift=200, epochs=2, n_batches=6, batch_
 @pytest.fixture(scope="session")
 def default_trained():
     """One training at the article's defaults, shared by the tests that stream it."""
-    return shp.prepare(shp.Config())
+    return shp.train_models(shp.Config())
+
+
+@dataclass
+class DefaultRun:
+    run: shp.RunResult
+    evaluation: shp.Evaluation
+    lines: list  # everything it printed
+    out: Path
 
 
 @pytest.fixture(scope="session")
 def default_run(default_trained, tmp_path_factory):
-    """The article's run, exported, with its printed lines."""
+    """The article's run, exported, evaluated, with its printed lines."""
     out = tmp_path_factory.mktemp("default")
     lines = []
-    result = shp.run_experiment(shp.Config(out=str(out)), trained=default_trained, console=lines.append,
-                                export_dir=out / "monitoring_export")
-    return result, lines + shp.report(result), out
+    run = shp.run_experiment(shp.Config(out=str(out)), trained=default_trained, console=lines.append,
+                             export_dir=out / "monitoring_export")
+    evaluation = shp.evaluate_run(run)
+    return DefaultRun(run, evaluation, lines + shp.report(run, evaluation), out)
 
 
 @pytest.fixture(scope="session")
 def small_trained():
-    return shp.prepare(shp.Config(**SMALL))
+    return shp.train_models(shp.Config(**SMALL))
 
 
 def quiet(cfg_or_kwargs=None, **kwargs):

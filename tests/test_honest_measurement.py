@@ -1,5 +1,7 @@
-"""Issue 3: the honest twins of the article's headlines."""
+"""The honest twins of the article's headlines."""
+import csv
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -57,26 +59,28 @@ def test_bayes_accuracy_and_auc_match_monte_carlo(drift):
     n = 400_000
     ds = shp.make_dataset(n, cfg, np.random.RandomState(11), drifted=True)
     prior = shp.fraud_prior(n, cfg)
-    posterior = shp.bayes_posterior(ds.X, cfg, True, prior)
+    posterior = shp.bayes_posterior(ds.X, cfg, prior)
     mc_accuracy = np.mean((posterior > 0.5) == (ds.y == 1))
-    accuracy, auc = shp.bayes_limits(cfg, True, prior)
+    accuracy, auc = shp.bayes_limits(cfg, prior)
     assert abs(accuracy - mc_accuracy) < 0.005
     assert abs(auc - shp.roc_auc(ds.y, posterior)) < 0.005
-    assert auc >= shp.v14_threshold_auc(cfg, True) - 1e-9  # nothing beats the likelihood ratio
+    assert auc >= shp.v14_threshold_auc(cfg) - 1e-9  # nothing beats the likelihood ratio
 
 
 def test_default_run_prints_the_honest_rows(default_run):
-    result, lines, _ = default_run
-    text = "\n".join(lines)
-    assert result.drift_rows["always_normal"].metrics.accuracy == 0.85
-    assert round(result.bayes_accuracy, 3) == 0.850
-    assert round(shp.v14_threshold_auc(result.cfg, True), 3) == 0.593
-    for needle in ("Mean prequential lift", "holdout  Self-healed", "Same network, never healed",
-                   "Always answers normal            85.0%", "accuracy 85.0%", "0.593", "Forgetting: clean-test",
-                   "cost/1000", "Cost-optimal threshold"):
+    e, text = default_run.evaluation, "\n".join(default_run.lines)
+    assert e.drift_rows["always_normal"].metrics.accuracy == 0.85
+    assert round(e.bayes_accuracy, 3) == 0.850
+    assert round(shp.v14_threshold_auc(default_run.run.cfg), 3) == 0.593
+    rows = {tuple(line.split()[:3]): line.split() for line in default_run.lines if line.startswith(("drifted", "holdout"))}
+    assert rows[("drifted", "Always", "answers")][4] == "85.0%"
+    assert rows[("holdout", "Self-healed", "71.3%")][-1] == "595,000"
+    assert rows[("drifted", "Self-healed", "72.4%")][-1] == "530,400"
+    for needle in ("Mean prequential lift", "Same network, never healed", "accuracy 85.0%", "0.593",
+                   "Forgetting: clean-test", "cost/1000", "Cost-optimal threshold", "more than $1,085"):
         assert needle in text, needle
     # the article's cost claim, checked on its own counts: healing costs more at $200 per false alarm
-    assert result.drift_rows["healed"].cost > result.drift_rows["no_healing"].cost
+    assert e.drift_rows["healed"].cost > e.drift_rows["no_healing"].cost
 
 
 def test_holdout_is_fresh_and_leaves_the_article_draws_alone(default_trained):
@@ -150,25 +154,39 @@ def test_delayed_mode_uses_labels_only_k_batches_late(default_trained):
     assert _decisions(a)[:k] == _decisions(c)[:k] and _decisions(a) != _decisions(c)
 
 
-@pytest.mark.parametrize("mode", ["rules", "delayed"])
-def test_label_free_and_delayed_runs_complete(mode, small_trained, tmp_path):
-    cfg = quiet(SMALL, supervision=mode, label_delay=2)
+def test_rules_mode_weighs_every_conflict_as_fraud(small_trained, tmp_path):
+    """Every conflict is rule-fraud by definition: with the rule as target, the fraud share among
+    conflicts is 1 and pos_weight sits at its cap of 4 on every batch that has conflicts."""
+    cfg = quiet(SMALL, supervision="rules")
     result = shp.run_experiment(cfg, trained=small_trained, console=print, export_dir=tmp_path)
-    assert len(result.log.records) == cfg.n_batches
-    assert (tmp_path / "metrics.csv").exists()
+    with_conflicts = [r for r in result.log.records if r.conflicts > 0]
+    assert with_conflicts and all((r.fraud_frac, r.pos_weight) == (1.0, 4.0) for r in with_conflicts)
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))
+    assert [r["pos_weight"] for r in rows if int(r["conflicts"]) > 0] == ["4.000000"] * len(with_conflicts)
+
+
+def test_delayed_mode_heals_first_when_labels_arrive(small_trained, tmp_path):
+    cfg = quiet(SMALL, supervision="delayed", label_delay=2)
+    result = shp.run_experiment(cfg, trained=small_trained, console=print, export_dir=tmp_path)
+    records = result.log.records
+    assert [r.action for r in records[:2]] == ["await_labels"] * 2  # no labels yet, nothing to learn from
+    assert all(np.isnan(r.pos_weight) and r.version_post is None for r in records[:2])
+    assert records[2].action == "heal", "batch 1's labels arrive at batch 3"
+    heals = [e for e in json.loads((tmp_path / "events.json").read_text()) if e["type"] == "heal"]
+    assert heals[0]["batch"] == 3
 
 
 def test_seed_sweep_writes_csv_and_prints_intervals(tmp_path):
     lines = []
     cfg = shp.Config(**SMALL, seed=3, seeds=3, out=str(tmp_path), no_plots=True)
-    summaries = shp.run_seeds(cfg, console=lines.append, workers=2)
+    summaries = shp.run_seed_sweep(cfg, console=lines.append, workers=2)
     assert [s["seed"] for s in summaries] == [3, 4, 5]
     text = (tmp_path / "monitoring_export" / "seed_sweep.csv").read_text()
     assert text.splitlines()[0] == ",".join(["seed", *shp.SWEEP_FIGURES, "heals", "rollbacks"])
     assert len(text.splitlines()) == 4
     assert any(line.startswith("recovery_pp") for line in lines)
     # the same seed alone gives the same figures as inside the sweep
-    alone = shp.run_experiment(shp.Config(**SMALL, seed=4, quiet=True), console=print).summary()
+    alone = shp.seed_summary(shp.Config(**SMALL, seed=4, quiet=True))
     assert alone == pytest.approx(summaries[1])
 
 

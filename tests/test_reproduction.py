@@ -3,23 +3,26 @@ import csv
 import json
 import re
 
-import numpy as np
+import pytest
 
 from conftest import shp
 
 
 def test_article_table_reproduced(default_run):
-    result, lines, _ = default_run
-    d = result.drift_rows
-    assert result.clean_before.metrics.counts == "109/820/30/41"
-    assert d["no_healing"].metrics.counts == "128/318/532/22"
-    assert d["shadow"].metrics.counts == "128/318/532/22"
-    assert d["healed"].metrics.counts == "51/673/177/99"
+    result = default_run.run
+    table = result.article_table()
+    assert table["clean"].counts == "109/820/30/41"
+    assert table["no_healing"].counts == "128/318/532/22"
+    assert table["shadow"].counts == "128/318/532/22"
+    assert table["healed"].counts == "51/673/177/99"
+    # the honest evaluation scores the same models the same way
+    assert {k: default_run.evaluation.drift_rows[k].metrics for k in ("no_healing", "shadow", "healed")} == \
+        {k: table[k] for k in ("no_healing", "shadow", "healed")}
     assert result.log.counts["heal"] == 25 and result.log.counts["rollback"] == 0
     assert result.registry.saved == 51
     best = result.registry.best_post_heal()
     assert (best.version, best.batch, round(best.accuracy, 3), round(best.f1, 3)) == (21, 10, 0.710, 0.408)
-    assert (round(result.fidi_mu, 3), round(result.fidi_sigma, 3)) == (-0.363, 1.323)
+    assert (round(result.fidi.mu, 3), round(result.fidi.sigma, 3)) == (-0.363, 1.323)
     assert result.log.first_drift_batch == 3
     assert result.log.lift.positive == 25
     assert (round(result.log.lift.min, 3), round(result.log.lift.max, 3)) == (0.05, 0.36)
@@ -27,25 +30,33 @@ def test_article_table_reproduced(default_run):
 
 
 def test_every_article_figure_is_printed_and_matches(default_run):
-    result, lines, _ = default_run
-    comparison = shp.article_comparison(result)
+    comparison = shp.article_comparison(default_run.run)
     assert len(comparison) == 31
     assert all(article == ours for _, article, ours in comparison), comparison
-    text = "\n".join(lines)
+    text = "\n".join(default_run.lines)
     assert "31 of 31 figures match the article." in text
     assert re.search(r"Self-healed: TP/TN/FP/FN\s+51/673/177/99\s+51/673/177/99\s+match", text)
     assert "DIFFERS" not in text
     assert all(ord(c) < 128 for c in text), "console output is plain ASCII"
 
 
+def test_console_tells_the_pipeline_before_the_batch_table(default_run):
+    lines = default_run.lines
+    header = lines.index(shp.batch_header())
+    stages = [line.split(":")[0] for line in lines[:header]]
+    assert stages == ["Data", "Training", "FIDI calibrated on training V14", "Stream"]
+    assert "-0.377, 18.8%" in lines[0] and "-2.261, 77.4%" in lines[0]
+    assert "92.9%" in lines[1] and "mu -0.363, sigma 1.323" in lines[2]
+    assert lines[header + 1].split()[:3] == ["1", "HEALING", "heal"]
+
+
 def test_z_first_exceeds_threshold_at_batch_3_and_stays(default_run):
-    result, _, _ = default_run
-    z = [r.z for r in result.log.records]
+    z = [r.z for r in default_run.run.log.records]
     assert z[0] == z[1] == 0.0 and all(v > 1.0 for v in z[2:])
 
 
 def test_metrics_csv_contents(default_run):
-    result, _, out = default_run
+    result, out = default_run.run, default_run.out
     raw = (out / "monitoring_export" / "metrics.csv").read_bytes()
     assert not raw.startswith(b"\xef\xbb\xbf"), "no byte-order mark"
     rows = list(csv.DictReader(raw.decode("utf-8").splitlines()))
@@ -53,15 +64,18 @@ def test_metrics_csv_contents(default_run):
     assert [int(r["batch"]) for r in rows] == list(range(1, 26))
     assert {r["state"] for r in rows} == {"HEALING"}
     assert {r["action"] for r in rows} == {"heal"}
-    assert float(rows[9]["healed_accuracy"]) == 0.71 and rows[9]["version_post"] == "21"
+    assert rows[9]["healed_accuracy"] == "0.710000" and rows[9]["version_post"] == "21"
     lifts = [float(r["lift"]) for r in rows]
-    assert min(lifts) == 0.05 and max(lifts) == 0.36
-    preq = [float(r["prequential_lift"]) for r in rows]
-    assert np.mean(preq) == np.mean([r.prequential_lift for r in result.log.records])
+    assert (min(lifts), max(lifts)) == pytest.approx((0.05, 0.36), abs=1e-9)
+    # every value under a column is the record's own, to the 6 decimals written
+    for row, record in zip(rows, result.log.records):
+        assert float(row["prequential_lift"]) == pytest.approx(record.prequential_lift, abs=5e-7)
+        assert float(row["served_f1"]) == pytest.approx(record.served.f1, abs=5e-7)
+        assert row["restored_version"] == "" and int(row["conflicts"]) == record.conflicts
 
 
 def test_events_json_is_strict_and_complete(default_run):
-    _, _, out = default_run
+    out = default_run.out
     text = (out / "monitoring_export" / "events.json").read_text(encoding="utf-8")
     events = json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(AssertionError(f"{c} in JSON")))
     assert [e["type"] for e in events] == ["heal"] * 25
@@ -70,9 +84,12 @@ def test_events_json_is_strict_and_complete(default_run):
 
 
 def test_threshold_config_written(default_run):
-    _, _, out = default_run
+    out = default_run.out
     data = json.loads((out / "monitoring_export" / "threshold_config.json").read_text())
     assert data == shp.threshold_dict(shp.Config())
+    assert sorted(data) == sorted(["rollback_f1_drop", "rollback_acc_drop", "health_window", "conflict_thr",
+                                   "min_batches_before_rollback", "conflict_min", "fidi_threshold",
+                                   "fidi_window", "rule_threshold"])
     assert not list((out / "monitoring_export").glob(".*.tmp")), "no temporary files left"
 
 
