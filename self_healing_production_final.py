@@ -79,7 +79,7 @@ SHARE = Check(lambda v: 0 < v < 1, "between 0 and 1 (exclusive)")
 WEIGHT = Check(lambda v: 0 <= v <= 1, "between 0 and 1")
 
 
-def _flag(default, help, check: Check = None, choices: tuple = None, threshold: bool = False,
+def _flag(default, help_text: str, check: Check = None, choices: tuple = None, threshold: bool = False,
           shapes_numbers: bool = True):
     """A config field that becomes one command-line flag.
 
@@ -87,7 +87,7 @@ def _flag(default, help, check: Check = None, choices: tuple = None, threshold: 
     threshold:      written to threshold_config.json and read back by --thresholds;
     shapes_numbers: False for flags that cannot change the article's figures.
     """
-    return field(default=default, metadata=dict(help=help, check=check, choices=choices, threshold=threshold,
+    return field(default=default, metadata=dict(help=help_text, check=check, choices=choices, threshold=threshold,
                                                  shapes_numbers=shapes_numbers))
 
 
@@ -441,7 +441,7 @@ class AdapterTrainer:
     def __init__(self, model: SelfHealingMLP, cfg: Config):
         self.backbone, self.head, self.cfg = model.backbone, model.head, cfg
         self.layer = copy.deepcopy(model.reflexive)
-        self.optimizer = Adam(self.layer.parameters(), lr=cfg.heal_lr)
+        self.optimizer = Adam(self.layer.parameters(), lr=cfg.heal_lr)  # Part V
 
     def heal(self, batch: HealBatch, weight: float) -> HealResult:
         start = time.perf_counter()
@@ -1330,10 +1330,9 @@ class HealEngineStream(SelfHealingStream):
 # threshold_config.json) and the plots. Every file is written whole or not at all.
 # Uses Parts I to III.
 
-def _num(value, spec: str, width: int = 0) -> str:
-    """A number formatted by spec, or '-' when missing, right-aligned to width."""
-    text = "-" if value is None or not math.isfinite(value) else format(value, spec)
-    return text.rjust(width)
+def _num(value, spec: str) -> str:
+    """A number formatted by spec, or '-' when missing or not finite."""
+    return "-" if value is None or not math.isfinite(value) else format(value, spec)
 
 
 def _accuracy(m: Optional[Metrics]) -> Optional[float]:
