@@ -55,6 +55,13 @@ def test_z_first_exceeds_threshold_at_batch_3_and_stays(default_run):
     assert z[0] == z[1] == 0.0 and all(v > 1.0 for v in z[2:])
 
 
+def test_default_metrics_csv_equals_the_committed_one_byte_for_byte(default_run):
+    """The committed monitoring_export/ is the default run's: a fresh run writes the same bytes."""
+    from conftest import ROOT
+    fresh = default_run.out / "monitoring_export" / "metrics.csv"
+    assert fresh.read_bytes() == (ROOT / "monitoring_export" / "metrics.csv").read_bytes()
+
+
 def test_metrics_csv_contents(default_run):
     result, out = default_run.run, default_run.out
     raw = (out / "monitoring_export" / "metrics.csv").read_bytes()
