@@ -161,26 +161,41 @@ class Dataset:
     y: np.ndarray  # float32, (n,), 1 = fraud
 
 
-def normal_v14_mean(cfg: Config, drifted: bool) -> float:
-    return -cfg.drift_strength if drifted else 0.0
+@dataclass(frozen=True)
+class RowLaw:
+    """The generator's law of a set of rows: each class's V14 (mean, std), the fraud share, and a
+    shift of the nine features that carry no signal (the same in both classes)."""
+    normal_v14: tuple[float, float]
+    fraud_v14: tuple[float, float]
+    fraud_share: float
+    noise_shift: float = 0.0
 
 
-def make_dataset(n: int, cfg: Config, rng: np.random.RandomState, drifted: bool) -> Dataset:
-    """Draw n rows in the article's order: normal V14, normal rest, fraud V14, fraud rest, shuffle."""
-    n_fraud = int(n * cfg.fraud_ratio)
-    n_normal = n - n_fraud
-    v14_normal = rng.normal(normal_v14_mean(cfg, drifted), NORMAL_V14_STD, n_normal)
-    rest_normal = rng.randn(n_normal, N_FEATURES - 1)
-    v14_fraud = rng.normal(*FRAUD_V14, n_fraud)
-    rest_fraud = rng.randn(n_fraud, N_FEATURES - 1)
+def article_law(cfg: Config, drifted: bool) -> RowLaw:
+    """The article's data: normal V14 centred on 0, or on -drift_strength when drifted; fraud never moves."""
+    return RowLaw((-cfg.drift_strength if drifted else 0.0, NORMAL_V14_STD), FRAUD_V14, cfg.fraud_ratio)
+
+
+def draw_rows(rng: np.random.RandomState, n_normal: int, n_fraud: int, law: RowLaw) -> Dataset:
+    """Draw rows in the article's order: normal V14, normal rest, fraud V14, fraud rest, shuffle."""
+    v14_normal = rng.normal(*law.normal_v14, n_normal)
+    rest_normal = rng.randn(n_normal, N_FEATURES - 1) + law.noise_shift
+    v14_fraud = rng.normal(*law.fraud_v14, n_fraud)
+    rest_fraud = rng.randn(n_fraud, N_FEATURES - 1) + law.noise_shift
 
     def assemble(v14, rest):
         return np.column_stack([rest[:, :V14], v14, rest[:, V14:]])
 
     X = np.vstack([assemble(v14_normal, rest_normal), assemble(v14_fraud, rest_fraud)]).astype(np.float32)
     y = np.concatenate([np.zeros(n_normal), np.ones(n_fraud)]).astype(np.float32)
-    order = rng.permutation(n)
+    order = rng.permutation(n_normal + n_fraud)
     return Dataset(X[order], y[order])
+
+
+def make_dataset(n: int, cfg: Config, rng: np.random.RandomState, drifted: bool) -> Dataset:
+    """n rows of the article's data, int(n * fraud_ratio) of them fraud."""
+    n_fraud = int(n * cfg.fraud_ratio)
+    return draw_rows(rng, n - n_fraud, n_fraud, article_law(cfg, drifted))
 
 
 @dataclass(frozen=True)
@@ -903,50 +918,86 @@ def score_model(name: str, y: np.ndarray, proba: np.ndarray, cfg: Config) -> Sco
     return Scored(name, m, roc_auc(y, proba), pr_auc(y, proba), cost_per_1000(m, cfg))
 
 
-def _normal_pdf(v, loc, scale):
-    return np.exp(-0.5 * ((v - loc) / scale) ** 2) / (scale * math.sqrt(2 * math.pi))
-
-
-def drifted_class_densities(v: np.ndarray, cfg: Config):
-    """The generator's V14 densities of normal and fraud rows in the drifted set. The other
-    nine features have the same distribution in both classes, so V14 alone decides."""
-    return _normal_pdf(v, normal_v14_mean(cfg, True), NORMAL_V14_STD), _normal_pdf(v, *FRAUD_V14)
-
-
 def fraud_prior(n: int, cfg: Config) -> float:
     return int(n * cfg.fraud_ratio) / n
 
 
-def bayes_posterior(X: np.ndarray, cfg: Config, prior: float) -> np.ndarray:
-    """P(fraud | row) of a drifted row, from the generator's known class densities."""
-    normal, fraud = drifted_class_densities(X[:, V14].astype(np.float64), cfg)
-    return prior * fraud / (prior * fraud + (1 - prior) * normal)
+def drifted_set_law(cfg: Config, n: int) -> RowLaw:
+    """The law of a drifted set of n rows, with the fraud share it really has."""
+    return dataclasses.replace(article_law(cfg, drifted=True), fraud_share=fraud_prior(n, cfg))
 
 
-def v14_threshold_auc(cfg: Config) -> float:
-    """ROC-AUC on the drifted set of the best score monotone in V14 (a threshold rule on V14,
-    like the symbolic rule, in whichever direction is better), in closed form."""
-    gap = normal_v14_mean(cfg, True) - FRAUD_V14[0]
-    auc = 0.5 * (1 + math.erf(gap / math.hypot(NORMAL_V14_STD, FRAUD_V14[1]) / math.sqrt(2)))
+def _log_pdf(v: np.ndarray, mean_std: tuple[float, float]) -> np.ndarray:
+    mean, std = mean_std
+    return -0.5 * ((v - mean) / std) ** 2 - math.log(std * math.sqrt(2 * math.pi))
+
+
+def fraud_log_odds(law: RowLaw, v14: np.ndarray) -> np.ndarray:
+    """log P(fraud | row) / P(normal | row) under the law. The other nine features have the same
+    distribution in both classes, so V14 alone decides."""
+    return (math.log(law.fraud_share) + _log_pdf(v14, law.fraud_v14)
+            - math.log(1 - law.fraud_share) - _log_pdf(v14, law.normal_v14))
+
+
+def bayes_posterior(X: np.ndarray, law: RowLaw) -> np.ndarray:
+    """P(fraud | row) from the generator's known law: the best probability any model can give."""
+    with np.errstate(over="ignore"):
+        return 1 / (1 + np.exp(-fraud_log_odds(law, X[:, V14].astype(np.float64))))
+
+
+def v14_threshold_auc(law: RowLaw) -> float:
+    """ROC-AUC of the best score monotone in V14 (a threshold rule on V14, like the symbolic
+    rule, in whichever direction is better), in closed form."""
+    gap = law.normal_v14[0] - law.fraud_v14[0]
+    auc = 0.5 * (1 + math.erf(gap / math.hypot(law.normal_v14[1], law.fraud_v14[1]) / math.sqrt(2)))
     return max(auc, 1 - auc)
 
 
-def bayes_limits(cfg: Config, prior: float) -> tuple[float, float]:
-    """Best achievable accuracy and ROC-AUC on the drifted set, integrated on a fine V14 grid.
+def cost_threshold(cfg: Config) -> float:
+    """The Bayes decision for costs: flag fraud when P(fraud) > fp / (fp + fn)."""
+    total = cfg.fn_cost + cfg.fp_cost
+    return cfg.fp_cost / total if total > 0 else 0.5
 
-    Accuracy: the integral of max(prior * f_fraud, (1 - prior) * f_normal).
-    AUC: the ROC of the likelihood ratio, the best score there is (Neyman-Pearson).
-    """
-    low, high = sorted((normal_v14_mean(cfg, True), FRAUD_V14[0]))
-    v = np.linspace(low - 12, high + 12, 400_001)  # 12 standard deviations beyond both means
-    dv = v[1] - v[0]
-    normal, fraud = drifted_class_densities(v, cfg)
-    accuracy = float(np.sum(np.maximum(prior * fraud, (1 - prior) * normal)) * dv)
-    order = np.argsort(-(np.log(fraud) - np.log(normal)), kind="stable")
-    tpr_steps, fpr_steps = fraud[order] * dv, normal[order] * dv
+
+@dataclass(frozen=True)
+class Ceiling:
+    """The best any model can do on a stream of rows, from the generator's known laws."""
+    accuracy: float
+    roc_auc: float  # of the likelihood ratio, the best score there is (Neyman-Pearson)
+    cost: float     # expected cost per 1,000 rows, deciding at cost_threshold
+
+
+def bayes_ceiling(laws: list[RowLaw], cfg: Config) -> Ceiling:
+    """The ceiling of a stream whose batches (of equal size) follow these laws, integrated on a
+    fine V14 grid per distinct law. The AUC is that of the pooled stream, ranked by the true
+    posterior of each row's own batch."""
+    counts: dict[RowLaw, int] = {}
+    for law in laws:
+        counts[law] = counts.get(law, 0) + 1
+    with np.errstate(divide="ignore"):
+        flag_above = float(np.log(cost_threshold(cfg)) - np.log1p(-cost_threshold(cfg)))
+    accuracy = cost = 0.0
+    log_odds, fraud_mass, normal_mass = [], [], []
+    for law, count in counts.items():
+        weight, share = count / len(laws), law.fraud_share
+        span = 12 * max(law.normal_v14[1], law.fraud_v14[1])  # 12 standard deviations beyond both means
+        low, high = sorted((law.normal_v14[0], law.fraud_v14[0]))
+        v = np.linspace(low - span, high + span, 400_001)
+        dv = v[1] - v[0]
+        fraud = share * np.exp(_log_pdf(v, law.fraud_v14)) * dv       # P(fraud, V14 in this cell)
+        normal = (1 - share) * np.exp(_log_pdf(v, law.normal_v14)) * dv
+        odds = fraud_log_odds(law, v)
+        flagged = odds > flag_above
+        accuracy += weight * float(np.sum(np.maximum(fraud, normal)))
+        cost += weight * 1000 * float(cfg.fn_cost * fraud[~flagged].sum() + cfg.fp_cost * normal[flagged].sum())
+        log_odds.append(odds)
+        fraud_mass.append(weight * fraud)
+        normal_mass.append(weight * normal)
+    order = np.argsort(-np.concatenate(log_odds), kind="stable")
+    tpr_steps, fpr_steps = np.concatenate(fraud_mass)[order], np.concatenate(normal_mass)[order]
     tpr_before = np.cumsum(tpr_steps) - tpr_steps
     auc = float(np.sum(fpr_steps * (tpr_before + tpr_steps / 2)) / (tpr_steps.sum() * fpr_steps.sum()))
-    return accuracy, auc
+    return Ceiling(accuracy, auc, cost)
 
 
 ROW_TITLES = {
@@ -963,7 +1014,7 @@ def score_set(cfg: Config, ds: Dataset, probabilities: dict) -> dict:
     """Score every model's probabilities on one drifted set, with the trivial and Bayes references."""
     probabilities = dict(probabilities)
     probabilities["always_normal"] = np.zeros(len(ds.y), dtype=np.float32)
-    probabilities["bayes"] = bayes_posterior(ds.X, cfg, fraud_prior(len(ds.y), cfg))
+    probabilities["bayes"] = bayes_posterior(ds.X, drifted_set_law(cfg, len(ds.y)))
     return {name: score_model(name, ds.y, p, cfg) for name, p in probabilities.items()}
 
 
@@ -987,11 +1038,11 @@ def evaluate_run(run: RunResult) -> Evaluation:
     rows = {name: score_set(cfg, ds, {k: predict_proba(m, ds.X) for k, m in models.items()})
             for name, ds in (("drift", data.drift), ("holdout", data.holdout))}
     threshold = cost_optimal_threshold(data.drift.y, predict_proba(run.model, data.drift.X), cfg)
-    bayes_accuracy, bayes_auc = bayes_limits(cfg, fraud_prior(cfg.n_drift, cfg))
+    ceiling = bayes_ceiling([drifted_set_law(cfg, cfg.n_drift)], cfg)
     return Evaluation(rows["drift"], rows["holdout"],
                       score_model("clean", data.test.y, predict_proba(trained.model, data.test.X), cfg),
                       score_model("clean", data.test.y, predict_proba(run.model, data.test.X), cfg),
-                      bayes_accuracy, bayes_auc, threshold,
+                      ceiling.accuracy, ceiling.roc_auc, threshold,
                       metrics_at(data.holdout.y, predict_proba(run.model, data.holdout.X), threshold))
 
 
@@ -1493,7 +1544,7 @@ def report(run: RunResult, e: Evaluation) -> list[str]:
         f"(the article's in-sample lift: {_num(100 * log.lift.mean, '+.1f')} pp).",
         f"Bayes-optimal limits at drift {cfg.drift_strength:g}: accuracy {100 * e.bayes_accuracy:.1f}%, "
         f"ROC-AUC {e.bayes_auc:.3f} (likelihood ratio; a threshold on V14 alone reaches at most "
-        f"{v14_threshold_auc(cfg):.3f}); always answering normal scores "
+        f"{v14_threshold_auc(drifted_set_law(cfg, cfg.n_drift)):.3f}); always answering normal scores "
         f"{100 * e.drift_rows['always_normal'].metrics.accuracy:.1f}% on the drifted set.",
         f"Forgetting: clean-test accuracy {100 * e.clean_before.metrics.accuracy:.1f}% -> "
         f"{100 * e.clean_after.metrics.accuracy:.1f}%, ROC-AUC {e.clean_before.roc_auc:.3f} -> "

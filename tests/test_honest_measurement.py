@@ -58,20 +58,20 @@ def test_bayes_accuracy_and_auc_match_monte_carlo(drift):
     cfg = shp.Config(drift_strength=drift)
     n = 400_000
     ds = shp.make_dataset(n, cfg, np.random.RandomState(11), drifted=True)
-    prior = shp.fraud_prior(n, cfg)
-    posterior = shp.bayes_posterior(ds.X, cfg, prior)
+    law = shp.drifted_set_law(cfg, n)
+    posterior = shp.bayes_posterior(ds.X, law)
     mc_accuracy = np.mean((posterior > 0.5) == (ds.y == 1))
-    accuracy, auc = shp.bayes_limits(cfg, prior)
-    assert abs(accuracy - mc_accuracy) < 0.005
-    assert abs(auc - shp.roc_auc(ds.y, posterior)) < 0.005
-    assert auc >= shp.v14_threshold_auc(cfg) - 1e-9  # nothing beats the likelihood ratio
+    ceiling = shp.bayes_ceiling([law], cfg)
+    assert abs(ceiling.accuracy - mc_accuracy) < 0.005
+    assert abs(ceiling.roc_auc - shp.roc_auc(ds.y, posterior)) < 0.005
+    assert ceiling.roc_auc >= shp.v14_threshold_auc(law) - 1e-9  # nothing beats the likelihood ratio
 
 
 def test_default_run_prints_the_honest_rows(default_run):
     e, text = default_run.evaluation, "\n".join(default_run.lines)
     assert e.drift_rows["always_normal"].metrics.accuracy == 0.85
     assert round(e.bayes_accuracy, 3) == 0.850
-    assert round(shp.v14_threshold_auc(default_run.run.cfg), 3) == 0.593
+    assert round(shp.v14_threshold_auc(shp.drifted_set_law(default_run.run.cfg, 1000)), 3) == 0.593
     rows = {tuple(line.split()[:3]): line.split() for line in default_run.lines if line.startswith(("drifted", "holdout"))}
     assert rows[("drifted", "Always", "answers")][4] == "85.0%"
     assert rows[("holdout", "Self-healed", "71.3%")][-1] == "595,000"
