@@ -27,6 +27,7 @@ import datetime
 import json
 import math
 import os
+import re
 import secrets
 import sys
 import threading
@@ -58,7 +59,10 @@ MIN_FIDI_ENTRIES = 3  # the article computes z only once the window holds 3 mean
 MIN_HEALTH_ENTRIES = 3  # and judges health only on 3 or more entries
 SUPERVISION_MODES = ("labels", "rules", "delayed")
 HEAL_WORKERS = ("thread", "process")
+SCENARIOS = ("article", "stationary", "offset", "gradual", "recurring", "prior", "covariate")  # Part II
+HEAL_METHODS = ("none", "heal", "restandardize", "tent", "em-prior", "rethreshold", "retrain")  # Part II
 STATES = ("HEALTHY", "DRIFTING", "HEALING", "ROLLED_BACK", "QUARANTINED")
+BENCH_SEEDS = 5  # seeds of a --bench run when --seeds is not given
 
 
 # -- Configuration
@@ -74,21 +78,29 @@ def at_least(low) -> Check:
     return Check(lambda v: v >= low, f"at least {low}")
 
 
+def parse_shard(text: str) -> Optional[tuple[int, int]]:
+    """'K/N' -> (K, N) when 0 <= K < N, else None."""
+    match = re.fullmatch(r"(\d{1,6})/(\d{1,6})", text)
+    k, n = (int(match[1]), int(match[2])) if match else (0, 0)
+    return (k, n) if k < n else None
+
+
 POSITIVE = Check(lambda v: v > 0, "positive")
 SHARE = Check(lambda v: 0 < v < 1, "between 0 and 1 (exclusive)")
 WEIGHT = Check(lambda v: 0 <= v <= 1, "between 0 and 1")
 
 
 def _flag(default, help_text: str, check: Check = None, choices: tuple = None, threshold: bool = False,
-          shapes_numbers: bool = True):
+          role: str = "experiment"):
     """A config field that becomes one command-line flag.
 
-    check:          the rule its value must pass (Part VI applies it);
-    threshold:      written to threshold_config.json and read back by --thresholds;
-    shapes_numbers: False for flags that cannot change the article's figures.
+    check:     the rule its value must pass (Part VI applies it);
+    threshold: written to threshold_config.json and read back by --thresholds;
+    role:      "experiment" (it can change the article's figures), "cost" (it prices them),
+               or "run" (where and how the run goes: it changes no number).
     """
     return field(default=default, metadata=dict(help=help_text, check=check, choices=choices, threshold=threshold,
-                                                 shapes_numbers=shapes_numbers))
+                                                 role=role))
 
 
 @dataclass(frozen=True)
@@ -97,11 +109,17 @@ class Config:
 
     # run
     seed: int = _flag(42, "seed of numpy's and torch's streams", at_least(0))
-    out: str = _flag(".", "directory that receives plots/ and monitoring_export/", shapes_numbers=False)
-    no_plots: bool = _flag(False, "skip the 8 plots", shapes_numbers=False)
-    quiet: bool = _flag(False, "do not print the per-batch table", shapes_numbers=False)
-    seeds: int = _flag(1, "run this many seeds (seed, seed+1, ...) and print their spread", at_least(1),
-                       shapes_numbers=False)
+    out: str = _flag(".", "directory that receives plots/ and monitoring_export/", role="run")
+    no_plots: bool = _flag(False, "skip the 8 plots", role="run")
+    quiet: bool = _flag(False, "do not print the per-batch table", role="run")
+    seeds: int = _flag(1, f"run this many seeds (seed, seed+1, ...) and print their spread ({BENCH_SEEDS} "
+                       "with --bench unless given)", at_least(1), role="run")
+    bench: bool = _flag(False, "run every scenario against every method over --seeds (5 unless given) and "
+                        "print when self-healing helps", role="run")
+    shard: str = _flag("", "with --bench, run only the cells i with i mod N = K, given as K/N; one file per cell",
+                       Check(lambda v: v == "" or parse_shard(v) is not None, "K/N with 0 <= K < N"), role="run")
+    merge: bool = _flag(False, "with --bench, collect the cell files of all shards into the table, CSV and plot",
+                        role="run")
     # data
     n_train: int = _flag(5000, "training rows (clean)", at_least(1))
     n_test: int = _flag(1000, "clean test rows", at_least(1))
@@ -132,11 +150,24 @@ class Config:
     label_delay: int = _flag(3, "K for --supervision delayed: batch i's labels usable from batch i+K", at_least(0))
     heal_worker: str = _flag("thread", "where heals run: thread (starts at once) or process (no "
                              "interpreter lock shared with inference; about 2 s to start)",
-                             choices=HEAL_WORKERS, shapes_numbers=False)
+                             choices=HEAL_WORKERS, role="run")
     async_apply: bool = _flag(False, "do not wait for a heal: serve on and apply it at the first batch "
                               "boundary after it finishes (timing-dependent, so not reproducible)")
     heal_timeout: float = _flag(30.0, "seconds to wait for one heal before rejecting it", POSITIVE,
-                                shapes_numbers=False)
+                                role="run")
+    # scenarios and the methods measured against self-healing (Part II)
+    scenario: str = _flag("article", "which drift the stream has: " + ", ".join(SCENARIOS), choices=SCENARIOS)
+    heal_method: str = _flag("heal", "what serves the stream: " + ", ".join(HEAL_METHODS), choices=HEAL_METHODS)
+    shifted_fraud_ratio: float = _flag(0.40, "fraud share of the prior scenario's stream, in (0, 1)", SHARE)
+    recurring_period: int = _flag(5, "batches the recurring scenario's drift stays on, then off", at_least(1))
+    covariate_tilt: float = _flag(0.5, "covariate scenario: rows weighted by exp(-tilt * V14)", at_least(0))
+    adapt_window: int = _flag(5, "recent batches that restandardize, em-prior, rethreshold and retrain use",
+                              at_least(1))
+    tent_lr: float = _flag(1e-3, "Adam learning rate of tent's one step per batch", POSITIVE)
+    tent_reset_entropy: float = _flag(0.02, "tent resets the adapter when a batch's mean entropy falls below this",
+                                      at_least(0))
+    retrain_steps: int = _flag(50, "Adam steps of each refit of the head by retrain", at_least(1))
+    retrain_lr: float = _flag(0.01, "Adam learning rate of retrain's refits", POSITIVE)
     # registry, health and rollback
     rollback_f1_drop: float = _flag(0.08, "roll back when the window's mean F1 falls this far below baseline",
                                     at_least(0), threshold=True)
@@ -146,11 +177,15 @@ class Config:
     min_batches_before_rollback: int = _flag(3, "health updates needed before a rollback", at_least(0),
                                              threshold=True)
     keep_best: int = _flag(5, "post-heal snapshots with the best F1 kept in the registry", at_least(1),
-                           shapes_numbers=False)
-    keep_last: int = _flag(10, "most recent snapshots kept in the registry", at_least(1), shapes_numbers=False)
+                           role="run")
+    keep_last: int = _flag(10, "most recent snapshots kept in the registry", at_least(1), role="run")
     # costs
-    fn_cost: float = _flag(5000.0, "cost of a missed fraud", at_least(0), shapes_numbers=False)
-    fp_cost: float = _flag(200.0, "cost of a false alarm", at_least(0), shapes_numbers=False)
+    fn_cost: float = _flag(5000.0, "cost of a missed fraud", at_least(0), role="cost")
+    fp_cost: float = _flag(200.0, "cost of a false alarm", at_least(0), role="cost")
+
+
+class ConfigError(ValueError):
+    """A user mistake (flags, a threshold file, bench cell files): reported in one line, exit status 2."""
 
 
 # -- Data
@@ -420,6 +455,11 @@ class LabelSupervision:
         return HealBatch(X, labels(), rule)
 
 
+def mean_binary_entropy(proba):
+    """How unsure the model is, in nats (at most log 2), with the article's 1e-8 guards."""
+    return -(proba * torch.log(proba + 1e-8) + (1 - proba) * torch.log(1 - proba + 1e-8)).mean()
+
+
 def heal_loss(proba, targets, rule, weight, cfg: Config):
     """alpha * weighted BCE(targets) + (1 - alpha) * lambda * BCE(rule) + entropy term.
 
@@ -429,8 +469,8 @@ def heal_loss(proba, targets, rule, weight, cfg: Config):
     logits = torch.log(proba / (1 - proba + 1e-8))
     supervised = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=torch.tensor(weight))
     symbolic = F.binary_cross_entropy(proba, rule)
-    entropy = -(proba * torch.log(proba + 1e-8) + (1 - proba) * torch.log(1 - proba + 1e-8)).mean()
-    return cfg.alpha * supervised + (1 - cfg.alpha) * cfg.lambda_lag * symbolic + cfg.entropy_weight * entropy
+    return (cfg.alpha * supervised + (1 - cfg.alpha) * cfg.lambda_lag * symbolic
+            + cfg.entropy_weight * mean_binary_entropy(proba))
 
 
 class HealRejected(RuntimeError):
@@ -733,7 +773,15 @@ class SelfHealingStream:
 
     def heal(self, i: int, record: BatchRecord, view: HealBatch, before: Metrics) -> Optional[HealResult]:
         """Train a private copy of the adapter on the view (None: nothing to publish now)."""
-        return self.trainer.heal(view, record.pos_weight)
+        try:
+            return self.trainer.heal(view, record.pos_weight)
+        except HealRejected as e:  # the article's script hung here; the served weights stay
+            self.reject(i, record, str(e))
+            return None
+
+    def reject(self, i: int, record: BatchRecord, reason: str) -> None:
+        record.action = "heal_failed"
+        self.log.event("heal_failed", i, reason=reason)
 
     def publish(self, i: int, record: BatchRecord, view: HealBatch, before: Metrics, result: HealResult,
                 applied_at: int = None) -> None:
@@ -847,16 +895,27 @@ class RuleSupervision(LabelSupervision):
         return HealBatch(X, rule, rule)
 
 
-class DelayedSupervision(LabelSupervision):
-    """The true labels of batch i arrive K batches late: the heal at batch i learns from batch i-K."""
+class LateArrivals:
+    """Items that arrive `delay` batches after they were sent: push one per batch, get back the
+    one that arrives now (None while the first ones are still on their way)."""
 
     def __init__(self, delay: int):
         self.delay = delay
         self.pending: deque = deque()
 
-    def view(self, X, labels, rule):
-        self.pending.append(HealBatch(X, labels(), rule))
+    def push(self, item):
+        self.pending.append(item)
         return self.pending.popleft() if len(self.pending) > self.delay else None
+
+
+class DelayedSupervision(LabelSupervision):
+    """The true labels of batch i arrive K batches late: the heal at batch i learns from batch i-K."""
+
+    def __init__(self, delay: int):
+        self.labelled = LateArrivals(delay)
+
+    def view(self, X, labels, rule):
+        return self.labelled.push(HealBatch(X, labels(), rule))
 
 
 def make_supervision(cfg: Config) -> LabelSupervision:
@@ -1096,15 +1155,372 @@ class Spread:
     max: float
 
 
+def spread_of(values: list[float]) -> Spread:
+    """Mean, standard deviation, 95% bootstrap interval, min and max; NaN when any value is NaN."""
+    values = np.array(values, dtype=float)
+    if np.isnan(values).any():
+        return Spread(*[math.nan] * 6)
+    low, high = bootstrap_interval(values)
+    sd = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+    return Spread(float(values.mean()), sd, low, high, float(values.min()), float(values.max()))
+
+
 def sweep_spread(summaries: list[dict]) -> dict:
     """figure -> its Spread across the seeds."""
-    spreads = {}
-    for name in SWEEP_FIGURES:
-        values = np.array([s[name] for s in summaries])
-        low, high = bootstrap_interval(values)
-        sd = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
-        spreads[name] = Spread(float(values.mean()), sd, low, high, float(values.min()), float(values.max()))
-    return spreads
+    return {name: spread_of([s[name] for s in summaries]) for name in SWEEP_FIGURES}
+
+
+# -- Scenarios: which kind of drift
+
+SUDDEN_SCENARIOS = ("article", "offset", "recurring", "prior", "covariate")  # drifted from batch 1 on
+SCENARIO_STORIES = {
+    "article": "only normal rows' V14 moves onto fraud's: P(y|x) changes and the classes overlap",
+    "stationary": "no drift at all: the control",
+    "offset": "every row's V14 moves by --drift-strength (a sensor offset): the classes keep their separation",
+    "gradual": "the article's drift ramping in over the first half of the stream",
+    "recurring": "the article's drift on and off, --recurring-period batches each",
+    "prior": "the fraud share moves to --shifted-fraud-ratio: P(y) changes, the class densities do not",
+    "covariate": "the nine signal-free features move by --drift-strength and rows tilt toward low V14: "
+                 "P(x) changes, P(y|x) does not",
+}
+
+
+def scenario_law(name: str, t: int, cfg: Config) -> RowLaw:
+    """The law of batch t (1-based) of a scenario's stream."""
+    clean, drifted, d = article_law(cfg, drifted=False), article_law(cfg, drifted=True), cfg.drift_strength
+    if name == "article":
+        return drifted
+    if name == "offset":
+        return RowLaw((-d, NORMAL_V14_STD), (FRAUD_V14[0] - d, FRAUD_V14[1]), cfg.fraud_ratio)
+    if name == "gradual":
+        ramp = min(1.0, t / max(1, cfg.n_batches // 2))
+        return RowLaw((-d * ramp, NORMAL_V14_STD), FRAUD_V14, cfg.fraud_ratio)
+    if name == "recurring":
+        return drifted if (t - 1) // cfg.recurring_period % 2 == 0 else clean
+    if name == "prior":
+        return dataclasses.replace(clean, fraud_share=cfg.shifted_fraud_ratio)
+    if name == "covariate":
+        # Rows resampled with weights exp(-tilt * V14), which depend on x alone, so P(y|x) stays. In
+        # closed form: each class's Gaussian V14 moves by -tilt * std^2, and the fraud share follows
+        # the ratio of the two classes' normalisers.
+        tilt, (mn, sn), (mf, sf) = cfg.covariate_tilt, clean.normal_v14, clean.fraud_v14
+        log_ratio = (-tilt * mn + (tilt * sn) ** 2 / 2) - (-tilt * mf + (tilt * sf) ** 2 / 2)
+        share = 1 / (1 + (1 - clean.fraud_share) / clean.fraud_share * math.exp(log_ratio))
+        return RowLaw((mn - tilt * sn ** 2, sn), (mf - tilt * sf ** 2, sf), share, noise_shift=d)
+    return clean  # stationary
+
+
+def scenario_batches(name: str, cfg: Config, trained: Trained) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The scenario's production stream. `article` is the article's (rows drawn with replacement
+    from the drifted set); every other scenario draws fresh rows from its own generator."""
+    if name == "article":
+        yield from drifted_batches(trained.data.drift, cfg, copy.deepcopy(trained.rng))
+        return
+    rng = np.random.RandomState([cfg.seed, 2, SCENARIOS.index(name)])
+    for t in range(1, cfg.n_batches + 1):
+        law = scenario_law(name, t, cfg)
+        n_fraud = rng.binomial(cfg.batch_size, law.fraud_share)
+        rows = draw_rows(rng, cfg.batch_size - n_fraud, n_fraud, law)
+        yield rows.X, rows.y
+
+
+def scenario_ceiling(name: str, cfg: Config) -> Ceiling:
+    return bayes_ceiling([scenario_law(name, t, cfg) for t in range(1, cfg.n_batches + 1)], cfg)
+
+
+# -- Methods: what to do about it
+
+class StreamMethod:
+    """One way to serve a drifting stream, and the baseline of all: the trained model, untouched.
+
+    For each batch, predict() answers first; adapt() then sees the batch (prequential). Labels
+    reach adapt() only for methods with uses_labels; the others are handed None.
+    """
+    uses_labels = False
+
+    def __init__(self, trained: Trained, cfg: Config):
+        self.model, self.cfg = trained.model, cfg
+        self.adaptations = 0  # batches on which the method changed what it serves
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return predict_proba(self.model, X)
+
+    def flag_threshold(self) -> float:
+        """Flag fraud above this probability when costs decide: the Bayes rule for a calibrated model."""
+        return cost_threshold(self.cfg)
+
+    def adapt(self, X: np.ndarray, y: Optional[np.ndarray]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class HealMethod(StreamMethod):
+    """The article's self-healing stream (Part I), following --supervision."""
+
+    def __init__(self, trained: Trained, cfg: Config):
+        super().__init__(trained, cfg)
+        self.uses_labels = cfg.supervision != "rules"
+        self.model, self.log, self.batches = copy.deepcopy(trained.model), StreamLog(keep=False), 0
+        fidi = FIDIMonitor(trained.data.train.X[:, V14], cfg.fidi_window, cfg.fidi_threshold)
+        self.stream = SelfHealingStream(self.model, copy.deepcopy(trained.baseline), trained.baseline, fidi,
+                                        cfg, self.log)
+
+    def adapt(self, X, y):
+        self.batches += 1
+        # With rules, no label is handed over: the rule's own labels stand in for y in the stream's
+        # per-batch scores, which decide nothing.
+        self.stream.step(self.batches, X, rule_labels(X, self.cfg) if y is None else y)
+        self.adaptations = self.log.counts["heal"]
+
+
+class Restandardize(StreamMethod):
+    """Map each feature of the stream back to the training mean and spread, with statistics of the
+    last --adapt-window batches (no labels)."""
+
+    def __init__(self, trained: Trained, cfg: Config):
+        super().__init__(trained, cfg)
+        self.train_mean, self.train_std = trained.data.train.X.mean(axis=0), trained.data.train.X.std(axis=0)
+        self.recent: deque = deque(maxlen=cfg.adapt_window)
+
+    def predict(self, X):
+        if not self.recent:
+            return super().predict(X)
+        rows = np.concatenate(self.recent)
+        mapped = (X - rows.mean(axis=0)) / (rows.std(axis=0) + 1e-8) * self.train_std + self.train_mean
+        return super().predict(mapped.astype(np.float32))
+
+    def adapt(self, X, y):
+        self.recent.append(X)
+        self.adaptations += 1
+
+
+class Tent(StreamMethod):
+    """Entropy minimisation (TENT) on the adapter: one Adam step per batch at --tent-lr. When the
+    batch's mean entropy falls below --tent-reset-entropy the model has collapsed into
+    overconfidence, and the adapter is reset to the clean one (as SAR does) (no labels)."""
+
+    def __init__(self, trained: Trained, cfg: Config):
+        super().__init__(trained, cfg)
+        self.clean, self.model, self.resets = trained.model, copy.deepcopy(trained.model), 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.model.reflexive = copy.deepcopy(self.clean.reflexive)
+        self.optimizer = Adam(self.model.reflexive.parameters(), lr=self.cfg.tent_lr)  # Part V
+
+    def adapt(self, X, y):
+        entropy = mean_binary_entropy(self.model(torch.from_numpy(X)))
+        if not torch.isfinite(entropy) or entropy.item() < self.cfg.tent_reset_entropy:
+            self.reset()
+            self.resets += 1
+            return
+        self.optimizer.zero_grad()
+        entropy.backward()
+        self.optimizer.step()
+        self.adaptations += 1
+
+
+class EMPrior(StreamMethod):
+    """Saerens et al. (2002): re-estimate the fraud share by EM from the model's probabilities on the
+    last --adapt-window batches, and correct the posteriors to it (no labels)."""
+
+    def __init__(self, trained: Trained, cfg: Config):
+        super().__init__(trained, cfg)
+        self.train_share = self.share = fraud_prior(cfg.n_train, cfg)
+        self.recent: deque = deque(maxlen=cfg.adapt_window)
+
+    def corrected(self, proba: np.ndarray, share: float) -> np.ndarray:
+        fraud = share / self.train_share * proba
+        return fraud / (fraud + (1 - share) / (1 - self.train_share) * (1 - proba))
+
+    def predict(self, X):
+        return self.corrected(super().predict(X).astype(np.float64), self.share)
+
+    def adapt(self, X, y):
+        self.recent.append(super().predict(X).astype(np.float64))
+        proba, share = np.concatenate(self.recent), self.train_share
+        for _ in range(1000):
+            new = float(np.clip(self.corrected(proba, share).mean(), 1e-6, 1 - 1e-6))
+            if abs(new - share) < 1e-9:
+                break
+            share = new
+        self.adaptations += abs(share - self.share) > 1e-6
+        self.share = share
+
+
+class Rethreshold(StreamMethod):
+    """Labels arrive --label-delay batches late; flag fraud above the cost-optimal threshold of the
+    last --adapt-window labelled batches. The weights are never touched."""
+    uses_labels = True
+
+    def __init__(self, trained: Trained, cfg: Config):
+        super().__init__(trained, cfg)
+        self.labelled, self.recent = LateArrivals(cfg.label_delay), deque(maxlen=cfg.adapt_window)
+        self.threshold = cost_threshold(cfg)
+
+    def flag_threshold(self):
+        return self.threshold
+
+    def adapt(self, X, y):
+        arrived = self.labelled.push((X, y))
+        if arrived is None:
+            return
+        self.recent.append(arrived)
+        threshold = cost_optimal_threshold(np.concatenate([b[1] for b in self.recent]),
+                                           super().predict(np.concatenate([b[0] for b in self.recent])), self.cfg)
+        self.adaptations += threshold != self.threshold
+        self.threshold = threshold
+
+
+class Retrain(StreamMethod):
+    """Labels arrive --label-delay batches late; the head is refitted from its trained weights on the
+    last --adapt-window labelled batches (--retrain-steps Adam steps at --retrain-lr)."""
+    uses_labels = True
+
+    def __init__(self, trained: Trained, cfg: Config):
+        super().__init__(trained, cfg)
+        self.model, self.trained_head = copy.deepcopy(trained.model), trained.model.head
+        self.labelled, self.recent = LateArrivals(cfg.label_delay), deque(maxlen=cfg.adapt_window)
+
+    def adapt(self, X, y):
+        arrived = self.labelled.push((X, y))
+        if arrived is None:
+            return
+        self.recent.append(arrived)
+        with torch.no_grad():
+            features = self.model.reflexive(self.model.backbone(torch.from_numpy(np.concatenate([b[0] for b in self.recent]))))
+        targets = torch.from_numpy(np.concatenate([b[1] for b in self.recent])).unsqueeze(1)
+        head = copy.deepcopy(self.trained_head)
+        for p in head.parameters():
+            p.requires_grad_(True)
+        optimizer = Adam(head.parameters(), lr=self.cfg.retrain_lr)  # Part V
+        for _ in range(self.cfg.retrain_steps):
+            optimizer.zero_grad()
+            F.binary_cross_entropy(head(features), targets).backward()
+            optimizer.step()
+        self.model.head = head
+        self.adaptations += 1
+
+
+METHODS = dict(zip(HEAL_METHODS, (StreamMethod, HealMethod, Restandardize, Tent, EMPrior, Rethreshold, Retrain)))
+# The bench runs the heal twice: with labels, as the article does, and with the rule alone.
+BENCH_METHODS = ("none", "heal", "heal-rules", "restandardize", "tent", "em-prior", "rethreshold", "retrain")
+
+
+def make_method(name: str, trained: Trained, cfg: Config) -> StreamMethod:
+    if name == "heal-rules":
+        return HealMethod(trained, dataclasses.replace(cfg, supervision="rules"))
+    return METHODS[name](trained, cfg)
+
+
+# -- The bench: every scenario against every method
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One method on one scenario's stream for one seed, prequential, beside the scenario's ceiling."""
+    scenario: str
+    method: str
+    seed: int
+    accuracy: float        # at 0.5
+    f1: float
+    roc_auc: float
+    cost: float            # per 1,000 rows, at the method's flag_threshold
+    kappa: float           # against always answering normal: (acc - acc_normal) / (1 - acc_normal)
+    gap_closed: float      # (cost_none - cost) / (cost_none - cost_bayes); NaN when there is no gap
+    adaptations_per_1000: float
+    detection_delay: float  # batches from onset to the first DRIFTING (sudden scenarios; NaN if never)
+    bayes_accuracy: float
+    bayes_auc: float
+    bayes_cost: float
+
+
+BENCH_FIGURES = ("accuracy", "f1", "roc_auc", "cost", "kappa", "gap_closed", "adaptations_per_1000",
+                 "detection_delay")
+MIN_GAP = 0.05  # below 5% of no-adaptation's cost, the gap to the ceiling is too small to divide by
+
+
+def bench_cell(scenario: str, method: str, trained: Trained, cfg: Config, ceiling: Ceiling) -> BenchRow:
+    """Stream the scenario through the method; score every prediction made before adapting."""
+    served = make_method(method, trained, cfg)
+    fidi = FIDIMonitor(trained.data.train.X[:, V14], cfg.fidi_window, cfg.fidi_threshold)
+    labels, proba, flagged, none_flagged, first_drift = [], [], [], [], None
+    try:
+        for t, (X, y) in enumerate(scenario_batches(scenario, cfg, trained), start=1):
+            p = served.predict(X)
+            labels.append(y)
+            proba.append(p)
+            flagged.append(p > served.flag_threshold())
+            none_flagged.append(predict_proba(trained.model, X) > cost_threshold(cfg))
+            served.adapt(X, y if served.uses_labels else None)
+            if first_drift is None and fidi.drifting(fidi.update(X[:, V14])):
+                first_drift = t
+    finally:
+        served.close()
+    y, p = np.concatenate(labels), np.concatenate(proba)
+    at_half = metrics_at(y, p)
+    cost = cost_per_1000(classify(y, np.concatenate(flagged)), cfg)
+    none_cost = cost_per_1000(classify(y, np.concatenate(none_flagged)), cfg)
+    normal_share = 1 - float(y.mean())
+    gap = none_cost - ceiling.cost
+    return BenchRow(
+        scenario, method, cfg.seed, at_half.accuracy, at_half.f1, roc_auc(y, p), cost,
+        (at_half.accuracy - normal_share) / (1 - normal_share) if normal_share < 1 else math.nan,
+        (none_cost - cost) / gap if gap > MIN_GAP * none_cost else math.nan,
+        1000 * served.adaptations / cfg.n_batches,
+        first_drift - 1 if scenario in SUDDEN_SCENARIOS and first_drift else math.nan,
+        ceiling.accuracy, ceiling.roc_auc, ceiling.cost)
+
+
+@dataclass(frozen=True)
+class BenchCell:
+    index: int
+    seed: int
+    scenario: str
+    method: str
+
+    @property
+    def name(self) -> str:
+        return f"cell-{self.index:04d}-{self.scenario}-{self.method}-seed{self.seed}"
+
+
+def bench_config(cfg: Config) -> Config:
+    """The bench's own settings: its heals wait for each result, so that it is reproducible."""
+    return dataclasses.replace(cfg, supervision="labels", async_apply=False)
+
+
+def bench_cells(cfg: Config) -> list[BenchCell]:
+    """Every seed x scenario x method, numbered: the unit a shard runs and a merge collects."""
+    combos = [(cfg.seed + k, s, m) for k in range(cfg.seeds) for s in SCENARIOS for m in BENCH_METHODS]
+    return [BenchCell(i, *combo) for i, combo in enumerate(combos)]
+
+
+def run_bench_cells(cfg: Config, cells: list[BenchCell],
+                    done: Callable[[BenchCell, BenchRow], None] = None) -> list[BenchRow]:
+    """Run cells, training the models once per seed and computing each scenario's ceiling once;
+    done(cell, row), when given, is told of each cell as soon as it is finished."""
+    cfg = bench_config(cfg)
+    rows, trained, ceilings = [], {}, {}
+    for cell in cells:
+        seed_cfg = dataclasses.replace(cfg, seed=cell.seed, seeds=1)
+        if cell.seed not in trained:
+            trained[cell.seed] = train_models(seed_cfg)
+        if cell.scenario not in ceilings:
+            ceilings[cell.scenario] = scenario_ceiling(cell.scenario, cfg)
+        rows.append(bench_cell(cell.scenario, cell.method, trained[cell.seed], seed_cfg, ceilings[cell.scenario]))
+        if done:
+            done(cell, rows[-1])
+    return rows
+
+
+def bench_spread(rows: list[BenchRow]) -> dict:
+    """(scenario, method) -> figure -> its Spread over the seeds."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r.scenario, r.method), []).append(r)
+    return {key: {name: spread_of([getattr(r, name) for r in group]) for name in BENCH_FIGURES}
+            for key, group in groups.items()}
 
 
 # Part III. The heal engine
@@ -1341,8 +1757,7 @@ class HealEngineStream(SelfHealingStream):
         try:
             return self.healer.result(self.cfg.heal_timeout)
         except HealRejected as e:
-            record.action = "heal_failed"
-            self.log.event("heal_failed", i, reason=str(e))
+            self.reject(i, record, str(e))
             return None
 
     def continue_from(self, state: dict) -> None:
@@ -1491,7 +1906,7 @@ def is_default_experiment(cfg: Config) -> bool:
     """True when every flag that shapes the article's numbers is at its default."""
     default = Config()
     return all(getattr(cfg, f.name) == getattr(default, f.name)
-               for f in dataclasses.fields(cfg) if f.metadata["shapes_numbers"])
+               for f in dataclasses.fields(cfg) if f.metadata["role"] == "experiment")
 
 
 def text_table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
@@ -1695,6 +2110,106 @@ def write_sweep_csv(summaries: list[dict], directory: Path) -> Path:
     lines = [",".join(columns)] + [",".join(csv_cell(s[c]) for c in columns) for s in summaries]
     write_atomic(directory / "seed_sweep.csv", "\n".join(lines) + "\n")
     return directory / "seed_sweep.csv"
+
+
+# -- The bench's table, CSV, cell files and plot
+
+BENCH_COLUMNS = (  # title, figure, format
+    ("acc", "accuracy", ".3f"), ("F1", "f1", ".3f"), ("ROC-AUC", "roc_auc", ".3f"), ("cost/1000", "cost", ",.0f"),
+    ("kappa", "kappa", "+.2f"), ("gap closed", "gap_closed", "+.2f"), ("adapt/1000", "adaptations_per_1000", ".0f"),
+)
+
+
+def _mean_pm(s: Spread, spec: str) -> str:
+    """'mean +-half', half the width of the 95% interval; '-' where the figure does not exist."""
+    if not math.isfinite(s.mean):
+        return "-"
+    half = (s.high - s.low) / 2
+    return f"{format(s.mean, spec)} +-{format(half, spec.lstrip('+'))}" if half > 0 else format(s.mean, spec)
+
+
+def _detection_note(rows: list[BenchRow], scenario: str) -> str:
+    """How soon FIDI saw a sudden drift, over the seeds."""
+    if scenario not in SUDDEN_SCENARIOS:
+        return ""
+    delays = [r.detection_delay for r in rows if r.scenario == scenario and r.method == "none"]
+    seen = [d for d in delays if math.isfinite(d)]
+    if not seen:
+        return "; FIDI never calls it DRIFTING"
+    return (f"; FIDI calls it DRIFTING {np.mean(seen):.1f} batches after onset"
+            + (f" (in {len(seen)} of {len(delays)} seeds)" if len(seen) < len(delays) else ""))
+
+
+def bench_report(rows: list[BenchRow], cfg: Config) -> list[str]:
+    """One table: per scenario, every method's means over the seeds with their 95% intervals, then the ceiling."""
+    spreads, seeds = bench_spread(rows), sorted({r.seed for r in rows})
+    table = []
+    for scenario in [s for s in SCENARIOS if (s, "none") in spreads]:
+        first = next(r for r in rows if r.scenario == scenario)
+        table.append([f"{scenario}: {SCENARIO_STORIES[scenario]}{_detection_note(rows, scenario)}"])
+        for method in [m for m in BENCH_METHODS if (scenario, m) in spreads]:
+            s = spreads[(scenario, method)]
+            table.append(["  " + method] + [_mean_pm(s[name], spec) for _, name, spec in BENCH_COLUMNS])
+        table.append(["  Bayes ceiling", f"{first.bayes_accuracy:.3f}", "-", f"{first.bayes_auc:.3f}",
+                      f"{first.bayes_cost:,.0f}", "-", "+1.00", "-"])
+    header = ["scenario / method"] + [title for title, _, _ in BENCH_COLUMNS]
+    widths = [max(len(r[k]) for r in [header] + table if len(r) > 1) for k in range(len(header))]
+
+    def line(cells):
+        if len(cells) == 1:
+            return cells[0]
+        return "  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return ["", f"Scenario bench: {len(rows)} cells, seeds {seeds[0]}..{seeds[-1]}, {cfg.n_batches} batches of "
+                f"{cfg.batch_size} rows; prequential (each batch predicted before any adaptation on it);",
+            "mean +- half the 95% bootstrap interval over the seeds. Accuracy, F1 and kappa (against always "
+            "answering normal) at 0.5;",
+            f"cost per 1,000 rows at ${cfg.fn_cost:,.0f} per missed fraud and ${cfg.fp_cost:,.0f} per false alarm, "
+            f"flagging P(fraud) > {cost_threshold(cfg):.3f} = fp/(fp+fn) (rethreshold: its learned threshold);",
+            f"gap closed = (cost of none - cost) / (cost of none - Bayes cost), '-' where none is within "
+            f"{100 * MIN_GAP:.0f}% of the Bayes cost.",
+            line(header), line(["-" * w for w in widths]), *[line(r) for r in table]]
+
+
+def write_bench_csv(rows: list[BenchRow], directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    names = [f.name for f in dataclasses.fields(BenchRow)]
+    lines = [",".join(names)] + [",".join(csv_cell(getattr(r, n)) for n in names) for r in rows]
+    write_atomic(directory / "bench.csv", "\n".join(lines) + "\n")
+    return directory / "bench.csv"
+
+
+def bench_fingerprint(cfg: Config) -> dict:
+    """The settings a bench cell's numbers depend on: a merge accepts only cells made with these."""
+    varied_by_the_bench = {"scenario", "heal_method", "supervision", "async_apply"}
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+            if f.metadata["role"] != "run" and f.name not in varied_by_the_bench}
+
+
+def write_cell(directory: Path, cell: BenchCell, row: BenchRow, cfg: Config) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    entry = {"cell": cell.index, "config": bench_fingerprint(cfg), "row": dataclasses.asdict(row)}
+    write_atomic(directory / f"{cell.name}.json", json.dumps(_json_safe(entry), allow_nan=False) + "\n")
+
+
+def read_cells(directory: Path, cells: list[BenchCell], cfg: Config) -> list[BenchRow]:
+    """Every cell's row, from the shards' files; ConfigError names what is missing or foreign."""
+    missing = [c.name for c in cells if not (directory / f"{c.name}.json").is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ConfigError(f"--merge: {len(missing)} of {len(cells)} cells missing in {directory}: {shown}")
+    rows, fingerprint = [], _json_safe(bench_fingerprint(cfg))
+    for c in cells:
+        path = directory / f"{c.name}.json"
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+            row = BenchRow(**{k: math.nan if v is None else v for k, v in entry["row"].items()})
+            ok = entry["cell"] == c.index and (row.scenario, row.method, row.seed) == (c.scenario, c.method, c.seed)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise ConfigError(f"--merge: {path} is not a bench cell file") from None
+        if not ok or entry["config"] != fingerprint:
+            raise ConfigError(f"--merge: {path} was made by a bench with other flags or another cell")
+        rows.append(row)
+    return rows
 
 
 # -- Plots
@@ -1910,6 +2425,25 @@ def plot_seed_sweep(summaries: list[dict], directory: Path) -> Path:
     return save_figure(plt, fig, directory / "seed_sweep.png")
 
 
+def plot_bench(rows: list[BenchRow], directory: Path) -> Path:
+    """Heatmap of the mean share of the cost gap each method closes, scenario by method."""
+    plt = pyplot()
+    directory.mkdir(parents=True, exist_ok=True)
+    spreads = bench_spread(rows)
+    gap = np.array([[spreads[(s, m)]["gap_closed"].mean for m in BENCH_METHODS] for s in SCENARIOS])
+    fig, ax = plt.subplots(figsize=(12, 6), layout="constrained")
+    image = ax.imshow(np.clip(gap, -1, 1), cmap="RdYlGn", vmin=-1, vmax=1, aspect="auto")
+    for (k, j), value in np.ndenumerate(gap):
+        ax.text(j, k, "no gap" if np.isnan(value) else f"{value:+.2f}", ha="center", va="center", fontsize=10,
+                color="#555555" if np.isnan(value) else "black")
+    ax.set_xticks(range(len(BENCH_METHODS)), BENCH_METHODS, rotation=30, ha="right")
+    ax.set_yticks(range(len(SCENARIOS)), SCENARIOS)
+    ax.set_title("Share of the cost gap to the Bayes ceiling closed (1 = Bayes, 0 = no adaptation; "
+                 "colours clipped at -1)")
+    fig.colorbar(image, ax=ax, label="gap closed")
+    return save_figure(plt, fig, directory / "bench.png")
+
+
 # Part V. Speed
 #
 # Work that makes the run fast without changing one number: an Adam without torch.optim's
@@ -2034,15 +2568,24 @@ def map_in_processes(fn: Callable, items: list, workers: int) -> list:
     return ordered
 
 
+def _run_cells(job: tuple) -> list:
+    return run_bench_cells(*job)
+
+
+def run_bench_in_processes(cfg: Config, cells: list[BenchCell], workers: int) -> list[BenchRow]:
+    """The bench's cells, one process per seed at a time (each trains its seed's models once).
+    Pinned by test_sharded_bench_merges_to_the_unsharded_csv (same bytes, run in one process)."""
+    seeds = sorted({c.seed for c in cells})
+    per_seed = map_in_processes(_run_cells, [(cfg, [c for c in cells if c.seed == s]) for s in seeds], workers)
+    return sorted((row for rows in per_seed for row in rows),
+                  key=lambda r: (r.seed, SCENARIOS.index(r.scenario), BENCH_METHODS.index(r.method)))
+
+
 # Part VI. The command line
 #
 # Flags to a validated Config (each field's rule lives with the field in Part I), the
 # threshold file, and main, which runs one seed or a sweep and writes the outputs.
 # Uses everything above.
-
-class ConfigError(ValueError):
-    """A user mistake in flags or in a threshold file: reported in one line."""
-
 
 def validate(cfg: Config) -> Config:
     """Return cfg unchanged or raise ConfigError naming the first bad value."""
@@ -2061,6 +2604,13 @@ def validate(cfg: Config) -> Config:
         n = getattr(cfg, name)
         if not 0 < int(n * cfg.fraud_ratio) < n:
             fail(name, f"large enough to hold both classes at --fraud-ratio {cfg.fraud_ratio}")
+    if (cfg.shard or cfg.merge) and not cfg.bench:
+        raise ConfigError("--shard and --merge go with --bench")
+    if cfg.shard and cfg.merge:
+        raise ConfigError("--shard runs cells and --merge collects them: give one of the two")
+    if not cfg.bench and cfg.seeds > 1 and (cfg.scenario, cfg.heal_method) != ("article", "heal"):
+        raise ConfigError("--seeds sweeps the article's run; for several seeds of --scenario or --heal-method, "
+                          "use --bench")
     return cfg
 
 
@@ -2127,10 +2677,12 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
 def parse_config(argv: list[str]) -> Config:
     """Flags -> validated Config. Raises ConfigError (argparse itself exits 2 on non-numbers)."""
     args = vars(build_parser().parse_args(argv))
+    explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
     thresholds = args.pop("thresholds")
     if thresholds is not None:
-        explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
         args.update({k: v for k, v in read_thresholds(thresholds).items() if k not in explicit})
+    if args["bench"] and "seeds" not in explicit:
+        args["seeds"] = BENCH_SEEDS
     return validate(Config(**args))
 
 
@@ -2164,6 +2716,44 @@ def run_seed_sweep(cfg: Config, console: Callable[[str], None] = print, workers:
     return summaries
 
 
+def run_scenario(cfg: Config) -> int:
+    """One seed of one scenario served by one method, beside no adaptation and the Bayes ceiling."""
+    trained = train_models(cfg, parallel=True)
+    ceiling = scenario_ceiling(cfg.scenario, cfg)
+    rows = [bench_cell(cfg.scenario, method, trained, cfg, ceiling) for method in dict.fromkeys([cfg.heal_method, "none"])]
+    for line in bench_report(rows, cfg):
+        print(line)
+    print("(A run of one scenario and method writes no files; --bench writes the whole comparison.)")
+    return 0
+
+
+def run_bench(cfg: Config, out: Path) -> int:
+    """Every scenario x method x seed; or one shard of the cells; or the merge of all shards' cells."""
+    cells, cell_dir = bench_cells(cfg), out / "bench_cells"
+    if cfg.shard:
+        k, n = parse_shard(cfg.shard)
+        mine = [c for c in cells if c.index % n == k]
+        todo = [c for c in mine if not (cell_dir / f"{c.name}.json").is_file()]
+        print(f"Shard {k}/{n}: {len(mine)} of {len(cells)} cells, {len(mine) - len(todo)} already written, "
+              f"writing the rest to {cell_dir}")
+        run_bench_cells(cfg, todo, done=lambda cell, row: write_cell(cell_dir, cell, row, cfg))
+        print(f"Shard {k}/{n} done. Merge with the same flags and --merge once every shard is done.")
+        return 0
+    if cfg.merge:
+        rows = read_cells(cell_dir, cells, cfg)
+    else:
+        workers = min(cfg.seeds, os.cpu_count() or 1)
+        print(f"Running {len(cells)} cells ({len(SCENARIOS)} scenarios x {len(BENCH_METHODS)} methods x "
+              f"{cfg.seeds} seeds) in {workers} processes.")
+        rows = run_bench_in_processes(cfg, cells, workers)
+    for line in bench_report(rows, cfg):
+        print(line)
+    print(f"\nWrote {write_bench_csv(rows, out / 'monitoring_export')}")
+    if not cfg.no_plots:
+        print(f"Wrote {plot_bench(rows, out / 'plots')}")
+    return 0
+
+
 def main(argv: list[str] = None) -> int:
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
@@ -2180,10 +2770,17 @@ def main(argv: list[str] = None) -> int:
         return 2
     use_one_torch_thread()
     try:
+        if cfg.bench:
+            return run_bench(cfg, out)
         if cfg.seeds > 1:
             run_seed_sweep(cfg)
             return 0
+        if (cfg.scenario, cfg.heal_method) != ("article", "heal"):
+            return run_scenario(cfg)
         return run_and_report(cfg, out)
+    except ConfigError as e:
+        print(f"self_healing_production_final.py: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\nInterrupted: exports and plots already in place are left as they were.", file=sys.stderr)
         return 130

@@ -14,6 +14,10 @@ BAD_FLAGS = [
     ["--fraud-ratio", "0"], ["--fraud-ratio", "1"], ["--fraud-ratio", "1.5"], ["--heal-steps", "-1"],
     ["--fidi-window", "0"], ["--health-window", "0"], ["--lr", "nan"], ["--supervision", "oracle"],
     ["--no-such-flag"], ["--thresholds", "missing.json"],
+    ["--scenario", "drifty"], ["--heal-method", "magic"], ["--bench", "--shard", "3/3"], ["--bench", "--shard", "x"],
+    ["--bench", "--shard", "1/0"], ["--bench", "--shard", "-1/3"], ["--shard", "0/2"], ["--merge"],
+    ["--bench", "--merge", "--shard", "0/2"], ["--seeds", "2", "--scenario", "offset"],
+    ["--bench", "--merge"],  # nothing to merge
 ]
 BAD_THRESHOLD_FILES = {
     "not_json.json": "{rollback_f1_drop: 0.1",
@@ -77,7 +81,7 @@ def test_every_readme_flag_is_a_parser_flag_with_its_default_and_no_other():
     parsed = {a.option_strings[0]: a.default for a in parser._actions if a.option_strings[0] != "-h"}
     assert sorted(parsed) == sorted(readme), set(parsed) ^ set(readme)
     for flag, default in parsed.items():
-        assert readme[flag] == ("none" if default is None else str(default)), flag
+        assert readme[flag] == ("none" if default in (None, "") else str(default)), flag
     help_text = parser.format_help()
     assert "(default: 2.2)" in help_text and "(default: 0.08)" in help_text
 

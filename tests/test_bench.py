@@ -1,0 +1,184 @@
+"""The scenario bench: ceilings, prequential methods, label-free methods, shards."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from conftest import SMALL, shp
+
+
+@pytest.mark.parametrize("scenario", shp.SCENARIOS)
+def test_scenario_ceiling_matches_monte_carlo_from_its_generator(scenario):
+    """Draw many rows per batch from the scenario's own generator; score them with the true posterior."""
+    cfg = shp.Config(n_batches=8, recurring_period=2)
+    rng = np.random.RandomState(17)
+    labels, posteriors = [], []
+    for t in range(1, cfg.n_batches + 1):
+        law = shp.scenario_law(scenario, t, cfg)
+        n_fraud = rng.binomial(40_000, law.fraud_share)
+        rows = shp.draw_rows(rng, 40_000 - n_fraud, n_fraud, law)
+        labels.append(rows.y)
+        posteriors.append(shp.bayes_posterior(rows.X, law))
+    y, p = np.concatenate(labels), np.concatenate(posteriors)
+    ceiling = shp.scenario_ceiling(scenario, cfg)
+    assert abs(ceiling.accuracy - np.mean((p > 0.5) == (y == 1))) < 0.005
+    assert abs(ceiling.roc_auc - shp.roc_auc(y, p)) < 0.005
+    flagged = p > shp.cost_threshold(cfg)
+    mc_cost = 1000 * (cfg.fn_cost * np.sum(~flagged & (y == 1)) + cfg.fp_cost * np.sum(flagged & (y == 0))) / len(y)
+    assert ceiling.cost == pytest.approx(mc_cost, rel=0.03)
+
+
+def test_covariate_scenario_leaves_p_y_given_x_alone():
+    """Its tilt changes P(x) and the fraud share, but the posterior at every V14 stays the clean one."""
+    cfg = shp.Config()
+    clean, tilted = shp.scenario_law("stationary", 1, cfg), shp.scenario_law("covariate", 1, cfg)
+    v = np.linspace(-6, 4, 101)
+    assert tilted.fraud_share > clean.fraud_share and tilted.noise_shift == cfg.drift_strength
+    assert np.allclose(shp.fraud_log_odds(tilted, v), shp.fraud_log_odds(clean, v))
+
+
+class Spy:
+    """Wraps a method: checks that each batch is predicted before the method adapts on it, and that a
+    prediction depends on no other row of its batch (nothing was learned from the batch first)."""
+
+    def __init__(self, inner, log):
+        self.inner, self.log = inner, log
+        self.uses_labels = inner.uses_labels
+
+    def predict(self, X):
+        out = self.inner.predict(X)
+        assert np.allclose(out, np.concatenate([self.inner.predict(X[:7]), self.inner.predict(X[7:])]), atol=1e-6), \
+            "a prediction depends on the rest of its batch"
+        self.log.append(("predict", id(X), out.copy()))
+        return out
+
+    def adapt(self, X, y):
+        assert self.log[-1][:2] == ("predict", id(X)), "adapted on a batch before predicting it"
+        assert y is None or self.uses_labels
+        self.inner.adapt(X, y)
+        self.log.append(("adapt", id(X), None))
+
+    def flag_threshold(self):
+        return self.inner.flag_threshold()
+
+    def close(self):
+        self.inner.close()
+
+    @property
+    def adaptations(self):
+        return self.inner.adaptations
+
+
+def _predictions(monkeypatch, scenario, method, trained, cfg, scramble=False):
+    log = []
+    real_make, real_batches = shp.make_method, shp.scenario_batches
+    monkeypatch.setattr(shp, "make_method", lambda *a: Spy(real_make(*a), log))
+    if scramble:
+        monkeypatch.setattr(shp, "scenario_batches", lambda *a: ((X, 1 - y) for X, y in real_batches(*a)))
+    shp.bench_cell(scenario, method, trained, cfg, shp.scenario_ceiling(scenario, cfg))
+    monkeypatch.undo()
+    return [out for kind, _, out in log if kind == "predict"]
+
+
+@pytest.mark.parametrize("method", shp.BENCH_METHODS)
+def test_every_method_predicts_each_batch_before_adapting_on_it(method, small_trained, monkeypatch):
+    cfg = shp.bench_config(shp.Config(**SMALL))
+    predictions = _predictions(monkeypatch, "offset", method, small_trained, cfg)
+    assert len(predictions) == cfg.n_batches
+    if method not in ("none", "rethreshold"):  # rethreshold moves its threshold, not its probabilities
+        assert any(not np.array_equal(a, b) for a, b in zip(predictions, _predictions(
+            monkeypatch, "offset", "none", small_trained, cfg))), "the method does adapt"
+
+
+@pytest.mark.parametrize("method", ["none", "heal-rules", "restandardize", "tent", "em-prior"])
+def test_label_free_methods_are_unchanged_when_every_label_is_scrambled(method, small_trained, monkeypatch):
+    cfg = shp.bench_config(shp.Config(**SMALL))
+    true = _predictions(monkeypatch, "article", method, small_trained, cfg)
+    scrambled = _predictions(monkeypatch, "article", method, small_trained, cfg, scramble=True)
+    assert all(np.array_equal(a, b) for a, b in zip(true, scrambled))
+
+
+@pytest.mark.parametrize("method", ["heal", "rethreshold", "retrain"])
+def test_labelled_methods_do_read_the_labels(method, small_trained, monkeypatch):
+    cfg = shp.bench_config(shp.Config(**SMALL, label_delay=1))
+    true = _predictions(monkeypatch, "article", method, small_trained, cfg)
+    scrambled = _predictions(monkeypatch, "article", method, small_trained, cfg, scramble=True)
+    if method == "rethreshold":  # it changes decisions, not probabilities
+        return
+    assert not all(np.array_equal(a, b) for a, b in zip(true, scrambled))
+
+
+def test_restandardize_undoes_a_sensor_offset(default_trained):
+    cfg = shp.bench_config(shp.Config())
+    clean = shp.metrics_at(default_trained.data.test.y,
+                           shp.predict_proba(default_trained.model, default_trained.data.test.X)).accuracy
+    row = shp.bench_cell("offset", "restandardize", default_trained, cfg, shp.scenario_ceiling("offset", cfg))
+    none = shp.bench_cell("offset", "none", default_trained, cfg, shp.scenario_ceiling("offset", cfg))
+    assert abs(row.accuracy - clean) < 0.02, (row.accuracy, clean)
+    assert none.accuracy < clean - 0.3, "the offset does hurt the unadapted model"
+
+
+def test_em_prior_finds_the_new_fraud_share(default_trained):
+    cfg = shp.bench_config(shp.Config())
+    method = shp.EMPrior(default_trained, cfg)
+    for X, _ in shp.scenario_batches("prior", cfg, default_trained):
+        method.predict(X)
+        method.adapt(X, None)
+    assert abs(method.share - cfg.shifted_fraud_ratio) < 0.05, method.share
+    assert abs(method.train_share - cfg.fraud_ratio) < 1e-9
+
+
+def test_tent_resets_a_collapsed_adapter(small_trained):
+    cfg = shp.Config(**SMALL, tent_lr=0.5, tent_reset_entropy=0.05)
+    method = shp.Tent(small_trained, cfg)
+    for X, _ in shp.scenario_batches("stationary", cfg, small_trained):
+        method.adapt(X, None)
+    assert method.resets >= 1, "a huge learning rate drives the entropy to zero, and the adapter is reset"
+
+
+def _bench_args(out, *extra):
+    return ["--bench", "--seeds", "2", "--no-plots", "--out", str(out), *extra] + [
+        f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
+
+
+def test_sharded_bench_merges_to_the_unsharded_csv(tmp_path, monkeypatch, capsys):
+    """Three shards, the second killed after three cells and resumed, then merged: the same bytes
+    as the unsharded bench."""
+    assert shp.main(_bench_args(tmp_path / "whole")) == 0
+    shards = tmp_path / "shards"
+    assert shp.main(_bench_args(shards, "--shard", "0/3")) == 0
+    real_write, written = shp.write_cell, []
+
+    def killed_after_three(*args):
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        real_write(*args)
+        written.append(args[1])
+    monkeypatch.setattr(shp, "write_cell", killed_after_three)
+    assert shp.main(_bench_args(shards, "--shard", "1/3")) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert shp.main(_bench_args(shards, "--shard", "1/3")) == 0
+    assert "3 already written" in capsys.readouterr().out
+    assert shp.main(_bench_args(shards, "--merge")) == 2, "shard 2 has not run"
+    assert "missing" in capsys.readouterr().err
+    assert shp.main(_bench_args(shards, "--shard", "2/3")) == 0
+    assert shp.main(_bench_args(shards, "--merge")) == 0
+    whole = (tmp_path / "whole" / "monitoring_export" / "bench.csv").read_bytes()
+    assert (shards / "monitoring_export" / "bench.csv").read_bytes() == whole
+    assert len(whole.splitlines()) == 1 + 2 * len(shp.SCENARIOS) * len(shp.BENCH_METHODS)
+    assert not list(shards.rglob("*.tmp")), "no temporary file survives"
+
+
+def test_merge_refuses_cells_made_with_other_flags(tmp_path, capsys):
+    assert shp.main(_bench_args(tmp_path, "--shard", "0/1", "--seeds", "1")) == 0
+    assert shp.main(_bench_args(tmp_path, "--merge", "--seeds", "1", "--fn-cost", "1")) == 2
+    assert "other flags" in capsys.readouterr().err
+    assert not (tmp_path / "monitoring_export").exists()
+
+
+def test_bench_cells_are_numbered_seed_scenario_method():
+    cells = shp.bench_cells(dataclasses.replace(shp.Config(), seeds=2))
+    assert [c.index for c in cells] == list(range(2 * len(shp.SCENARIOS) * len(shp.BENCH_METHODS)))
+    assert (cells[0].seed, cells[0].scenario, cells[0].method) == (42, "article", "none")
+    assert cells[-1].seed == 43 and len({c.name for c in cells}) == len(cells)
