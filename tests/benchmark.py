@@ -3,6 +3,7 @@
     python tests/benchmark.py                 # latency, heal duration, stream scaling
     python tests/benchmark.py --sizes 1000    # a quicker stream-scaling run
     python tests/benchmark.py --startup       # the default run's wall time against the import floor
+    python tests/benchmark.py --bench         # the full scenario bench: wall time and peak memory
 
 Every figure below is measured by this script and printed; nothing is assumed.
 """
@@ -141,11 +142,52 @@ def startup(repeats: int) -> None:
     print(f"  --no-plots:                        {b:.2f} s  = {b / f:.2f} x floor")
 
 
+def _tree_rss_mib(root: int) -> float:
+    """Resident memory of a process and all its descendants, from /proc, in MiB."""
+    parents, rss = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/statm") as f:
+                rss[int(entry)] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, grew = {root}, True
+    while grew:
+        children = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree |= children
+        grew = bool(children)
+    return sum(rss.get(pid, 0) for pid in tree) / 2 ** 20
+
+
+def bench(extra: list) -> None:
+    """The scenario bench with plots off, timed, its memory sampled every 20 ms across all its processes."""
+    with tempfile.TemporaryDirectory() as out:
+        args = [sys.executable, str(SCRIPT), "--bench", "--no-plots", "--out", out, *extra]
+        start = time.perf_counter()
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+        peak = 0.0
+        while proc.poll() is None:
+            peak = max(peak, _tree_rss_mib(proc.pid))
+            time.sleep(0.02)
+        seconds = time.perf_counter() - start
+        output = proc.stdout.read()
+        if proc.returncode:
+            raise SystemExit(f"bench failed with exit status {proc.returncode}")
+    print(output.splitlines()[0])
+    print(f"scenario bench, plots off, {os.cpu_count()} cores: "
+          f"{seconds:.1f} s wall, peak memory of all its processes together {peak:.0f} MiB")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=2000, help="predict calls per latency sample")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
     parser.add_argument("--startup", action="store_true", help="only the startup benchmark")
+    parser.add_argument("--bench", action="store_true", help="only the scenario bench (5 seeds)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -153,6 +195,8 @@ def main():
         return stream_child(args.child)
     if args.startup:
         return startup(args.repeats)
+    if args.bench:
+        return bench([])
     latency(args.calls)
     stream_scaling(args.sizes)
 
