@@ -28,7 +28,11 @@ import json
 import math
 import os
 import re
+import platform
 import secrets
+import shlex
+import signal
+import stat
 import sys
 import threading
 import time
@@ -38,10 +42,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+try:
+    import numpy as np
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+except KeyboardInterrupt:  # Ctrl-C while torch loads (a second or two): one line, as at any other moment
+    if __name__ != "__main__":
+        raise
+    sys.stderr.write("\nself_healing_production_final.py: error: interrupted\n")
+    raise SystemExit(130) from None
 
 
 # Part I. The article
@@ -78,6 +88,10 @@ def at_least(low) -> Check:
     return Check(lambda v: v >= low, f"at least {low}")
 
 
+def within(low, high) -> Check:
+    return Check(lambda v: low <= v <= high, f"between {low:,} and {high:,}")
+
+
 def parse_shard(text: str) -> Optional[tuple[int, int]]:
     """'K/N' -> (K, N) when 0 <= K < N, else None."""
     match = re.fullmatch(r"(\d{1,6})/(\d{1,6})", text)
@@ -85,7 +99,9 @@ def parse_shard(text: str) -> Optional[tuple[int, int]]:
     return (k, n) if k < n else None
 
 
-POSITIVE = Check(lambda v: v > 0, "positive")
+LEARNING_RATE = Check(lambda v: 0 < v <= 1, "in (0, 1]")  # Adam moves each weight by at most this per step
+MAX_COUNT = 1_000_000  # windows, steps, periods, delays: beyond this a run would never end or never fill them
+SEED_MAX = 2 ** 32 - 1  # numpy's RandomState takes seeds up to this
 SHARE = Check(lambda v: 0 < v < 1, "between 0 and 1 (exclusive)")
 WEIGHT = Check(lambda v: 0 <= v <= 1, "between 0 and 1")
 
@@ -108,12 +124,12 @@ class Config:
     """The whole configuration. Each field is a kebab-case command-line flag."""
 
     # run
-    seed: int = _flag(42, "seed of numpy's and torch's streams", at_least(0))
+    seed: int = _flag(42, "seed of numpy's and torch's streams", within(0, SEED_MAX))
     out: str = _flag(".", "directory that receives plots/ and monitoring_export/", role="run")
     no_plots: bool = _flag(False, "skip the 8 plots", role="run")
     quiet: bool = _flag(False, "do not print the per-batch table", role="run")
     seeds: int = _flag(1, f"run this many seeds (seed, seed+1, ...) and print their spread ({BENCH_SEEDS} "
-                       "with --bench unless given)", at_least(1), role="run")
+                       "with --bench unless given)", within(1, 10_000), role="run")
     bench: bool = _flag(False, "run every scenario against every method over --seeds (5 unless given) and "
                         "print when self-healing helps", role="run")
     shard: str = _flag("", "with --bench, run only the cells i with i mod N = K, given as K/N; one file per cell",
@@ -125,63 +141,71 @@ class Config:
     n_test: int = _flag(1000, "clean test rows", at_least(1))
     n_drift: int = _flag(1000, "drifted rows the stream samples from", at_least(1))
     fraud_ratio: float = _flag(0.15, "share of fraud rows in every set, in (0, 1)", SHARE)
-    drift_strength: float = _flag(2.2, "shift of normal rows' V14 mean in the drifted set")
+    drift_strength: float = _flag(2.2, "shift of normal rows' V14 mean in the drifted set",
+                                  within(-20, 20))
     # model and training
-    hidden_dim: int = _flag(64, "width of the hidden layers", at_least(1))
-    epochs: int = _flag(20, "training epochs", at_least(1))
-    batch_size: int = _flag(100, "rows per training batch and per stream batch", at_least(1))
-    lr: float = _flag(1e-3, "Adam learning rate for training", POSITIVE)
+    hidden_dim: int = _flag(64, "width of the hidden layers", within(1, 100_000))
+    epochs: int = _flag(20, "training epochs", within(1, MAX_COUNT))
+    batch_size: int = _flag(100, "rows per training batch and per stream batch", within(1, 10_000_000))
+    lr: float = _flag(1e-3, "Adam learning rate for training", LEARNING_RATE)
     # detection
-    fidi_window: int = _flag(10, "batch means in the FIDI window (z needs 3 of them)", at_least(1), threshold=True)
+    fidi_window: int = _flag(10, "batch means in the FIDI window (z needs 3 of them)", within(1, MAX_COUNT),
+                            threshold=True)
     fidi_threshold: float = _flag(1.0, "drifting when the FIDI z-score exceeds this", threshold=True)
     rule_threshold: float = _flag(-1.5, "the symbolic rule calls a row fraud when V14 < this", threshold=True)
     conflict_thr: float = _flag(0.30, "a conflict: rule says fraud, model probability below this", threshold=True)
-    conflict_min: int = _flag(5, "heal when a batch has at least this many conflicts", at_least(0), threshold=True)
+    conflict_min: int = _flag(5, "heal when a batch has at least this many conflicts", within(0, 10 ** 9),
+                            threshold=True)
     # stream and heal
-    n_batches: int = _flag(25, "stream batches", at_least(1))
-    heal_steps: int = _flag(5, "Adam steps per heal", at_least(0))
-    heal_lr: float = _flag(0.003, "Adam learning rate of the heal", POSITIVE)
+    n_batches: int = _flag(25, "stream batches", within(1, 10 ** 9))
+    heal_steps: int = _flag(5, "Adam steps per heal", within(0, MAX_COUNT))
+    heal_lr: float = _flag(0.003, "Adam learning rate of the heal", LEARNING_RATE)
     alpha: float = _flag(0.70, "weight of the supervised BCE term, in [0, 1]", WEIGHT)
-    lambda_lag: float = _flag(0.80, "weight of the rule BCE term, times (1 - alpha)", at_least(0))
-    entropy_weight: float = _flag(0.03, "weight of the mean binary entropy term", at_least(0))
+    lambda_lag: float = _flag(0.80, "weight of the rule BCE term, times (1 - alpha)", within(0, 1e6))
+    entropy_weight: float = _flag(0.03, "weight of the mean binary entropy term", within(0, 1e6))
     supervision: str = _flag("labels", "what the heal learns from: labels (the article), "
                              "rules (no ground truth anywhere), delayed (labels K batches late)",
                              choices=SUPERVISION_MODES)
-    label_delay: int = _flag(3, "K for --supervision delayed: batch i's labels usable from batch i+K", at_least(0))
+    label_delay: int = _flag(3, "K for --supervision delayed: batch i's labels usable from batch i+K",
+                            within(0, MAX_COUNT))
     heal_worker: str = _flag("thread", "where heals run: thread (starts at once) or process (no "
                              "interpreter lock shared with inference; about 2 s to start)",
                              choices=HEAL_WORKERS, role="run")
     async_apply: bool = _flag(False, "do not wait for a heal: serve on and apply it at the first batch "
                               "boundary after it finishes (timing-dependent, so not reproducible)")
-    heal_timeout: float = _flag(30.0, "seconds to wait for one heal before rejecting it", POSITIVE,
+    heal_timeout: float = _flag(30.0, "seconds to wait for one heal before rejecting it",
+                                Check(lambda v: 0 < v <= 86_400, "in (0, 86,400]: at most a day"),
                                 role="run")
     # scenarios and the methods measured against self-healing (Part II)
     scenario: str = _flag("article", "which drift the stream has: " + ", ".join(SCENARIOS), choices=SCENARIOS)
     heal_method: str = _flag("heal", "what serves the stream: " + ", ".join(HEAL_METHODS), choices=HEAL_METHODS)
     shifted_fraud_ratio: float = _flag(0.40, "fraud share of the prior scenario's stream, in (0, 1)", SHARE)
-    recurring_period: int = _flag(5, "batches the recurring scenario's drift stays on, then off", at_least(1))
-    covariate_tilt: float = _flag(0.5, "covariate scenario: rows weighted by exp(-tilt * V14)", at_least(0))
+    recurring_period: int = _flag(5, "batches the recurring scenario's drift stays on, then off",
+                               within(1, MAX_COUNT))
+    covariate_tilt: float = _flag(0.5, "covariate scenario: rows weighted by exp(-tilt * V14)", within(0, 5))
     adapt_window: int = _flag(5, "recent batches that restandardize, em-prior, rethreshold and retrain use",
-                              at_least(1))
-    tent_lr: float = _flag(1e-3, "Adam learning rate of tent's one step per batch", POSITIVE)
+                              within(1, MAX_COUNT))
+    tent_lr: float = _flag(1e-3, "Adam learning rate of tent's one step per batch", LEARNING_RATE)
     tent_reset_entropy: float = _flag(0.02, "tent resets the adapter when a batch's mean entropy falls below this",
-                                      at_least(0))
-    retrain_steps: int = _flag(50, "Adam steps of each refit of the head by retrain", at_least(1))
-    retrain_lr: float = _flag(0.01, "Adam learning rate of retrain's refits", POSITIVE)
+                                      within(0, 1))
+    retrain_steps: int = _flag(50, "Adam steps of each refit of the head by retrain", within(1, MAX_COUNT))
+    retrain_lr: float = _flag(0.01, "Adam learning rate of retrain's refits", LEARNING_RATE)
     # registry, health and rollback
     rollback_f1_drop: float = _flag(0.08, "roll back when the window's mean F1 falls this far below baseline",
                                     at_least(0), threshold=True)
     rollback_acc_drop: float = _flag(0.10, "roll back when the window's mean accuracy falls this far below "
                                      "baseline", at_least(0), threshold=True)
-    health_window: int = _flag(5, "batches in the health monitor's window", at_least(1), threshold=True)
-    min_batches_before_rollback: int = _flag(3, "health updates needed before a rollback", at_least(0),
+    health_window: int = _flag(5, "batches in the health monitor's window", within(1, MAX_COUNT),
+                               threshold=True)
+    min_batches_before_rollback: int = _flag(3, "health updates needed before a rollback", within(0, 10 ** 9),
                                              threshold=True)
-    keep_best: int = _flag(5, "post-heal snapshots with the best F1 kept in the registry", at_least(1),
+    keep_best: int = _flag(5, "post-heal snapshots with the best F1 kept in the registry", within(1, MAX_COUNT),
                            role="run")
-    keep_last: int = _flag(10, "most recent snapshots kept in the registry", at_least(1), role="run")
+    keep_last: int = _flag(10, "most recent snapshots kept in the registry", within(1, MAX_COUNT),
+                           role="run")
     # costs
-    fn_cost: float = _flag(5000.0, "cost of a missed fraud", at_least(0), role="cost")
-    fp_cost: float = _flag(200.0, "cost of a false alarm", at_least(0), role="cost")
+    fn_cost: float = _flag(5000.0, "cost of a missed fraud", within(0, 1e9), role="cost")
+    fp_cost: float = _flag(200.0, "cost of a false alarm", within(0, 1e9), role="cost")
 
 
 class ConfigError(ValueError):
@@ -1587,7 +1611,15 @@ def start_worker(target: Callable, *args, method: str = "spawn", daemon: bool = 
     ours, theirs = context.Pipe()
     process = context.Process(target=_worker_main, args=(target, theirs, *args), daemon=daemon,
                               name=getattr(target, "__name__", "worker"))
-    process.start()
+    # Ctrl-C reaches every process of the terminal; a child that ignores it prints nothing, and
+    # the parent, which gets it too, stops its children on the way out.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main_thread else None
+    try:
+        process.start()
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
     theirs.close()
     return process, ours
 
@@ -1985,7 +2017,8 @@ def report(run: RunResult, e: Evaluation) -> list[str]:
         f"Forgetting: clean-test accuracy {100 * e.clean_before.metrics.accuracy:.1f}% -> "
         f"{100 * e.clean_after.metrics.accuracy:.1f}%, ROC-AUC {e.clean_before.roc_auc:.3f} -> "
         f"{e.clean_after.roc_auc:.3f}.",
-        f"Cost-optimal threshold for the healed model (chosen on the drifted set): {e.cost_threshold:.3f}; "
+        f"Cost-optimal threshold for the healed model (chosen on the drifted set): "
+        f"{'flag every row' if e.cost_threshold == -math.inf else format(e.cost_threshold, '.3f')}; "
         f"on the holdout it costs {cost_per_1000(e.healed_at_cost_threshold, cfg):,.0f} per 1,000 rows "
         f"(at 0.5: {e.holdout_rows['healed'].cost:,.0f}).",
         break_even_line(e.drift_rows["healed"].metrics, e.drift_rows["no_healing"].metrics, cfg),
@@ -2025,7 +2058,10 @@ class AtomicFile:
         os.replace(self.tmp, self.path)
 
     def discard(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # a full disk fails the last flush too; the file goes all the same
+            pass
         self.tmp.unlink(missing_ok=True)
 
     def __enter__(self):
@@ -2041,6 +2077,70 @@ class AtomicFile:
 def write_atomic(path: Path, text: str) -> None:
     with AtomicFile(path) as f:
         f.write(text)
+
+
+TEMPORARY_NAME = re.compile(r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp")  # AtomicFile's: .NAME.PID.RANDOM.tmp
+
+
+def remove_stale_temporaries(directory: Path) -> int:
+    """Remove what a killed run (kill -9 leaves no chance to clean up) left in directory: temporary
+    files of AtomicFile whose process is gone. Returns how many."""
+    removed = 0
+    for path in directory.iterdir() if directory.is_dir() else ():
+        match = TEMPORARY_NAME.fullmatch(path.name)
+        if match and not _process_alive(int(match[1])):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid < 2 ** 22  # someone else's process (or a number no process can have)
+    return True
+
+
+class Console:
+    """Standard output that cannot stop the run: after the first failed write (a reader that went
+    away, as `| head` does, or a full disk) it stays silent and keeps the error for main."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+        self.failure: Optional[OSError] = None
+
+    def __call__(self, line: str = "") -> None:
+        if self.failure is not None:
+            return
+        try:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        except OSError as e:
+            self.failure = e
+            try:  # or the interpreter fails again flushing it at exit
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            except (OSError, ValueError):
+                pass
+
+
+def write_run_config(directory: Path, cfg: Config) -> None:
+    """run_config.json: every setting of the run, the command that reproduces it, and the versions
+    of Python, torch and numpy that produced its numbers."""
+    default = Config()
+    flags = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "out" or value == getattr(default, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        flags += [flag] if f.type == "bool" else [flag, shlex.quote(str(value))]
+    entry = {"command": " ".join(["python", "self_healing_production_final.py", *flags]),
+             "config": dataclasses.asdict(cfg),
+             "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}}
+    write_atomic(directory / "run_config.json", json.dumps(_json_safe(entry), indent=2, allow_nan=False) + "\n")
 
 
 def _json_safe(value):
@@ -2119,6 +2219,7 @@ class Exporter:
             f.commit()
         write_atomic(self.dir / "threshold_config.json",
                      json.dumps(threshold_dict(self.cfg), indent=2, allow_nan=False) + "\n")
+        write_run_config(self.dir, self.cfg)
 
     def abort(self) -> None:
         for f in self.files:
@@ -2213,6 +2314,43 @@ def write_cell(directory: Path, cell: BenchCell, row: BenchRow, cfg: Config) -> 
     write_atomic(directory / f"{cell.name}.json", json.dumps(_json_safe(entry), allow_nan=False) + "\n")
 
 
+MAX_INPUT_BYTES = 1 << 20  # a threshold file or a bench cell is a few hundred bytes
+
+
+def _short(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else text[:width] + "..."
+
+
+def read_json_file(path, what: str):
+    """A small JSON file of ours, read back: a regular file (never a FIFO or a device, which could
+    block or never end), at most 1 MiB, UTF-8, strict JSON (no NaN or Infinity). Anything else is
+    a ConfigError in one line."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"{what} {path} is not a regular file")
+        try:
+            raw = f.read(MAX_INPUT_BYTES + 1)
+        except OSError as e:
+            raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if len(raw) > MAX_INPUT_BYTES:
+        raise ConfigError(f"{what} {path} is larger than {MAX_INPUT_BYTES // 2 ** 20} MiB")
+
+    def no_constants(name):
+        raise ConfigError(f"{what} {path} holds {name}, which is not a finite number")
+    try:
+        return json.loads(raw.decode("utf-8-sig"), parse_constant=no_constants)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what} {path} is not JSON: {e.msg} at line {e.lineno}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} {path} is nested too deeply") from None
+
+
 def read_cells(directory: Path, cells: list[BenchCell], cfg: Config) -> list[BenchRow]:
     """Every cell's row, from the shards' files; ConfigError names what is missing or foreign."""
     missing = [c.name for c in cells if not (directory / f"{c.name}.json").is_file()]
@@ -2222,14 +2360,20 @@ def read_cells(directory: Path, cells: list[BenchCell], cfg: Config) -> list[Ben
     rows, fingerprint = [], _json_safe(bench_fingerprint(cfg))
     for c in cells:
         path = directory / f"{c.name}.json"
+        entry = read_json_file(path, "--merge: bench cell")
         try:
-            entry = json.loads(path.read_text(encoding="utf-8"))
             row = BenchRow(**{k: math.nan if v is None else v for k, v in entry["row"].items()})
-            ok = entry["cell"] == c.index and (row.scenario, row.method, row.seed) == (c.scenario, c.method, c.seed)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            same_cell = entry["cell"] == c.index and (row.scenario, row.method, row.seed) == (c.scenario, c.method, c.seed)
+            same_flags = entry["config"] == fingerprint
+            numbers = [getattr(row, f.name) for f in dataclasses.fields(BenchRow) if f.type == "float"]
+            if not all(type(v) in (int, float) for v in numbers):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise ConfigError(f"--merge: {path} is not a bench cell file") from None
-        if not ok or entry["config"] != fingerprint:
-            raise ConfigError(f"--merge: {path} was made by a bench with other flags or another cell")
+        if not same_cell:
+            raise ConfigError(f"--merge: {path} holds another cell than its name says")
+        if not same_flags:
+            raise ConfigError(f"--merge: {path} was made by a bench with other flags")
         rows.append(row)
     return rows
 
@@ -2537,9 +2681,13 @@ class Forked:
         return value
 
     def stop(self) -> None:
+        """Ask the child to stop (SIGTERM: a forked child cleans up its temporary files), then make it."""
         if self.process is not None and self.process.is_alive():
-            self.process.kill()
-            self.process.join()
+            self.process.terminate()
+            self.process.join(timeout=5)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join()
 
 
 def _train_to_arrays(model: nn.Module, data: Dataset, cfg: Config, orders: list) -> dict:
@@ -2564,7 +2712,10 @@ def make_plots(run: RunResult, evaluation: Evaluation, directory: Path) -> list[
     pyplot()  # imported before the fork, so that the child has it too
     data, names = PlotData.of(run, evaluation), list(PLOTS)
     other_half = Forked(draw_plots, data, directory, names[1::2])
-    return draw_plots(data, directory, names[0::2]) + other_half.result()
+    try:
+        return draw_plots(data, directory, names[0::2]) + other_half.result()
+    finally:
+        other_half.stop()  # a no-op once it has finished
 
 
 def _apply_each(fn: Callable, items: list) -> list:
@@ -2633,7 +2784,36 @@ def validate(cfg: Config) -> Config:
     if not cfg.bench and cfg.seeds > 1 and (cfg.scenario, cfg.heal_method) != ("article", "heal"):
         raise ConfigError("--seeds sweeps the article's run; for several seeds of --scenario or --heal-method, "
                           "use --bench")
+    if cfg.seed + cfg.seeds - 1 > SEED_MAX:
+        raise ConfigError(f"--seed {cfg.seed} with --seeds {cfg.seeds} runs past the largest seed, {SEED_MAX:,}")
+    needed, available = memory_estimate(cfg), available_memory()
+    if available and needed > 0.8 * available:
+        raise ConfigError(f"these sizes need about {needed / 2 ** 30:,.1f} GiB (estimated: 300 MiB per process, "
+                          f"250 bytes per data row, 16 + --keep-best + --keep-last copies of the network), more "
+                          f"than 80% of the {available / 2 ** 30:,.1f} GiB this machine has free")
     return cfg
+
+
+def memory_estimate(cfg: Config) -> float:
+    """Bytes the run will hold at its peak, from measured constants: a process with torch imported
+    takes about 300 MiB; drawing the data holds about 250 bytes per row (float64 draws, then float32);
+    the network is copied about 16 times (two models, optimizers, heal copies) plus its snapshots."""
+    h = cfg.hidden_dim
+    parameters = 3 * h * h + 16 * h
+    rows = cfg.n_train + cfg.n_test + 2 * cfg.n_drift + 4 * cfg.batch_size
+    per_process = 300 * 2 ** 20 + 250 * rows + 4 * parameters * (16 + cfg.keep_best + cfg.keep_last)
+    processes = 1 + (min(cfg.seeds, os.cpu_count() or 1) if cfg.bench or cfg.seeds > 1 else 0)
+    return float(per_process * processes)
+
+
+def available_memory() -> Optional[float]:
+    """Bytes of memory this machine has free now (Linux), or None where that cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return float(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
 
 
 def threshold_fields() -> dict:
@@ -2643,29 +2823,25 @@ def threshold_fields() -> dict:
 
 def read_thresholds(path: str) -> dict:
     """Read a threshold_config.json back: only known keys, each of its field's type."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"cannot read threshold file {path}: {e.strerror or e}") from None
-    try:
-        data = json.loads(text, parse_constant=lambda c: float("nan"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"threshold file {path} is not JSON: {e.msg} at line {e.lineno}") from None
+    data = read_json_file(path, "threshold file")
     if not isinstance(data, dict):
         raise ConfigError(f"threshold file {path} must hold one JSON object")
     types = threshold_fields()
     unknown = sorted(set(data) - set(types))
     if unknown:
-        raise ConfigError(f"threshold file {path} has unknown keys: {', '.join(unknown)} "
-                          f"(known: {', '.join(types)})")
+        shown = ", ".join(_short(k) for k in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise ConfigError(f"threshold file {path} has unknown keys: {shown} (known: {', '.join(types)})")
     values = {}
     for key, value in data.items():
         want = types[key]
         ok = (want == "int" and type(value) is int) or (want == "float" and type(value) in (int, float))
+        try:
+            values[key] = float(value) if ok and want == "float" else value
+        except OverflowError:
+            ok = False
         if not ok:
             raise ConfigError(f"threshold file {path}: {key} must be {'an integer' if want == 'int' else 'a number'}, "
-                              f"got {json.dumps(value)}")
-        values[key] = float(value) if want == "float" else value
+                              f"got {_short(json.dumps(value))}")
     return values
 
 
@@ -2708,19 +2884,20 @@ def parse_config(argv: list[str]) -> Config:
     return validate(Config(**args))
 
 
-def run_and_report(cfg: Config, out: Path) -> int:
+def run_and_report(cfg: Config, out: Path, console: Callable[[str], None]) -> int:
     """One seed: train, stream, evaluate, print the report, write exports and plots."""
     start = time.perf_counter()
-    run = run_experiment(cfg, trained=train_models(cfg, parallel=True), export_dir=out / "monitoring_export",
-                         keep_records=not cfg.no_plots)
+    run = run_experiment(cfg, trained=train_models(cfg, parallel=True), console=console,
+                         export_dir=out / "monitoring_export", keep_records=not cfg.no_plots)
     evaluation = evaluate_run(run)
     for line in report(run, evaluation):
-        print(line)
-    print(f"\nExported metrics.csv, events.json and threshold_config.json to {out / 'monitoring_export'}")
+        console(line)
+    console(f"\nExported metrics.csv, events.json, threshold_config.json and run_config.json to "
+            f"{out / 'monitoring_export'}")
     if not cfg.no_plots:
         make_plots(run, evaluation, out / "plots")
-        print(f"Wrote {len(PLOTS)} plots to {out / 'plots'}")
-    print(f"Done in {time.perf_counter() - start:.1f} s.")
+        console(f"Wrote {len(PLOTS)} plots to {out / 'plots'}")
+    console(f"Done in {time.perf_counter() - start:.1f} s.")
     return 0
 
 
@@ -2732,81 +2909,191 @@ def run_seed_sweep(cfg: Config, console: Callable[[str], None] = print, workers:
     summaries = map_in_processes(seed_summary, configs, workers)
     for line in sweep_report(summaries, sweep_spread(summaries)):
         console(line)
-    console(f"Wrote {write_sweep_csv(summaries, Path(cfg.out) / 'monitoring_export')}")
+    exports = Path(cfg.out) / "monitoring_export"
+    console(f"Wrote {write_sweep_csv(summaries, exports)}")
+    write_run_config(exports, cfg)
     if not cfg.no_plots:
         plot_seed_sweep(summaries, Path(cfg.out) / "plots")
     return summaries
 
 
-def run_scenario(cfg: Config) -> int:
+def run_scenario(cfg: Config, console: Callable[[str], None]) -> int:
     """One seed of one scenario served by one method, beside no adaptation and the Bayes ceiling."""
     trained = train_models(cfg, parallel=True)
     ceiling = scenario_ceiling(cfg.scenario, cfg)
     rows = [bench_cell(cfg.scenario, method, trained, cfg, ceiling) for method in dict.fromkeys([cfg.heal_method, "none"])]
     for line in bench_report(rows, cfg):
-        print(line)
-    print("(A run of one scenario and method writes no files; --bench writes the whole comparison.)")
+        console(line)
+    console("(A run of one scenario and method writes no files; --bench writes the whole comparison.)")
     return 0
 
 
-def run_bench(cfg: Config, out: Path) -> int:
-    """Every scenario x method x seed; or one shard of the cells; or the merge of all shards' cells."""
+def run_bench(cfg: Config, out: Path, console: Callable[[str], None], merged: list = None) -> int:
+    """Every scenario x method x seed; or one shard of the cells; or, given the merged rows of all
+    shards' cells, their table, CSV and plot."""
     cells, cell_dir = bench_cells(cfg), out / "bench_cells"
     if cfg.shard:
         k, n = parse_shard(cfg.shard)
         mine = [c for c in cells if c.index % n == k]
         todo = [c for c in mine if not (cell_dir / f"{c.name}.json").is_file()]
-        print(f"Shard {k}/{n}: {len(mine)} of {len(cells)} cells, {len(mine) - len(todo)} already written, "
-              f"writing the rest to {cell_dir}")
+        console(f"Shard {k}/{n}: {len(mine)} of {len(cells)} cells, {len(mine) - len(todo)} already written, "
+                f"writing the rest to {cell_dir}")
         run_bench_cells(cfg, todo, done=lambda cell, row: write_cell(cell_dir, cell, row, cfg))
-        print(f"Shard {k}/{n} done. Merge with the same flags and --merge once every shard is done.")
+        console(f"Shard {k}/{n} done. Merge with the same flags and --merge once every shard is done.")
         return 0
-    if cfg.merge:
-        rows = read_cells(cell_dir, cells, cfg)
+    if merged is not None:
+        rows = merged
     else:
         workers = min(cfg.seeds, os.cpu_count() or 1)
-        print(f"Running {len(cells)} cells ({len(SCENARIOS)} scenarios x {len(BENCH_METHODS)} methods x "
-              f"{cfg.seeds} seeds) in {workers} processes.")
+        console(f"Running {len(cells)} cells ({len(SCENARIOS)} scenarios x {len(BENCH_METHODS)} methods x "
+                f"{cfg.seeds} seeds) in {workers} processes.")
         rows = run_bench_in_processes(cfg, cells, workers)
     for line in bench_report(rows, cfg):
-        print(line)
-    print(f"\nWrote {write_bench_csv(rows, out / 'monitoring_export')}")
+        console(line)
+    console(f"\nWrote {write_bench_csv(rows, out / 'monitoring_export')}")
+    write_run_config(out / "monitoring_export", cfg)
     if not cfg.no_plots:
-        print(f"Wrote {plot_bench(rows, out / 'plots')}")
+        console(f"Wrote {plot_bench(rows, out / 'plots')}")
     return 0
 
 
+def output_plan(cfg: Config) -> dict:
+    """Folder under --out -> the files this run will write there (none for a run of one scenario)."""
+    if cfg.bench and cfg.shard:
+        return {"bench_cells": []}
+    if cfg.bench:
+        exports, plots = ["bench.csv"], ["bench.png"]
+    elif cfg.seeds > 1:
+        exports, plots = ["seed_sweep.csv"], ["seed_sweep.png"]
+    elif (cfg.scenario, cfg.heal_method) != ("article", "heal"):
+        return {}
+    else:
+        exports, plots = ["metrics.csv", "events.json", "threshold_config.json"], list(PLOTS)
+    return {"monitoring_export": exports + ["run_config.json"], **({} if cfg.no_plots else {"plots": plots})}
+
+
+def claim_out(cfg: Config) -> Optional[int]:
+    """Check, before any work, that --out can hold what this run writes, and hold it for this run: a
+    lock on the folder (the kernel drops it when a run dies, however it dies), so that a second run
+    into the same place is refused. Leftovers of a killed run are removed. Returns the lock's file
+    descriptor, or None for a run that writes nothing; raises ConfigError, having created nothing."""
+    plan = output_plan(cfg)
+    if not plan:
+        return None
+    out, created, fd = Path(cfg.out), [], None
+    try:
+        for folder in [out, *(out / name for name in plan)]:
+            if not folder.exists():
+                folder.mkdir()
+                created.append(folder)
+            if not folder.is_dir():
+                raise ConfigError(f"cannot write to --out {cfg.out}: {folder} is not a folder")
+        fd = os.open(out, os.O_RDONLY)
+        try:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"--out {cfg.out} is busy: another run is writing there") from None
+        except ImportError:  # no flock outside Unix: no protection, as before
+            pass
+        for name, files in plan.items():
+            remove_stale_temporaries(out / name)
+            for file in files:
+                if (out / name / file).is_dir():
+                    raise ConfigError(f"cannot write to --out {cfg.out}: {out / name / file} is a folder")
+            AtomicFile(out / name / "probe").discard()  # a file can be created there, and removed
+        return fd
+    except (ConfigError, OSError) as e:
+        if fd is not None:
+            os.close(fd)
+        for folder in reversed(created):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"cannot write to --out {cfg.out}: {e.strerror or e}") from None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an exception so that every finally block cleans up on the way out."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def error_line(text: str) -> None:
+    try:
+        print(f"self_healing_production_final.py: error: {text}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] = None) -> int:
+    """Exit status: 0 done (also when standard output was closed early, as by `| head`: the
+    outputs are written all the same), 1 outputs or standard output could not be written,
+    2 a user mistake, 130 Ctrl-C, 143 SIGTERM."""
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
-        out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-        if not os.access(out, os.W_OK):
-            raise PermissionError(13, "not writable")
+        # a merge checks every cell before it creates anything
+        merged = read_cells(Path(cfg.out) / "bench_cells", bench_cells(cfg), cfg) if cfg.merge else None
+        lock = claim_out(cfg)
     except ConfigError as e:
-        print(f"self_healing_production_final.py: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"self_healing_production_final.py: error: cannot write to --out {cfg.out}: {e.strerror}",
-              file=sys.stderr)
+        error_line(str(e))
         return 2
     use_one_torch_thread()
+    console, out = Console(), Path(cfg.out)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_term = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         if cfg.bench:
-            return run_bench(cfg, out)
-        if cfg.seeds > 1:
-            run_seed_sweep(cfg)
-            return 0
-        if (cfg.scenario, cfg.heal_method) != ("article", "heal"):
-            return run_scenario(cfg)
-        return run_and_report(cfg, out)
+            code = run_bench(cfg, out, console, merged)
+        elif cfg.seeds > 1:
+            run_seed_sweep(cfg, console)
+            code = 0
+        elif (cfg.scenario, cfg.heal_method) != ("article", "heal"):
+            code = run_scenario(cfg, console)
+        else:
+            code = run_and_report(cfg, out, console)
     except ConfigError as e:
-        print(f"self_healing_production_final.py: error: {e}", file=sys.stderr)
+        error_line(str(e))
         return 2
+    except Terminated:
+        error_line("terminated: exports and plots already in place are left as they were")
+        return 143
     except KeyboardInterrupt:
-        print("\nInterrupted: exports and plots already in place are left as they were.", file=sys.stderr)
+        error_line("interrupted: exports and plots already in place are left as they were")
         return 130
+    except OSError as e:
+        error_line(f"cannot write {e.filename or 'the outputs'}: {e.strerror or e}; "
+                   f"exports already in place are left as they were")
+        return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_term)
+        if lock is not None:
+            os.close(lock)
+    if console.failure is not None and not isinstance(console.failure, BrokenPipeError):
+        error_line(f"cannot write to standard output: {console.failure.strerror or console.failure}; "
+                   f"the outputs under --out are written")
+        return 1
+    return code
+
+
+def exit_process(code: int) -> None:
+    """Exit with code. A heal abandoned to its thread (timed out, or cut short by Ctrl-C) may still be
+    inside torch, and an interpreter that shuts down under it aborts (exit 134): then leave at once."""
+    if any(t.name == "heal" and t.is_alive() for t in threading.enumerate()):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
