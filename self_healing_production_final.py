@@ -1598,7 +1598,7 @@ def _worker_main(target: Callable, conn, *args) -> None:
     use_one_torch_thread()
     try:
         target(conn, *args)
-    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+    except (EOFError, ConnectionError, KeyboardInterrupt):
         pass
 
 
@@ -2126,9 +2126,10 @@ class Console:
                 pass
 
 
-def write_run_config(directory: Path, cfg: Config) -> None:
-    """run_config.json: every setting of the run, the command that reproduces it, and the versions
-    of Python, torch and numpy that produced its numbers."""
+def write_threshold_config(directory: Path, cfg: Config) -> None:
+    """threshold_config.json: the thresholds an operator tunes (what --thresholds reads back), and
+    under "run" where the numbers came from: every setting, the command that reproduces the run,
+    and the versions of Python, torch and numpy."""
     default = Config()
     flags = []
     for f in dataclasses.fields(cfg):
@@ -2137,10 +2138,11 @@ def write_run_config(directory: Path, cfg: Config) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         flags += [flag] if f.type == "bool" else [flag, shlex.quote(str(value))]
-    entry = {"command": " ".join(["python", "self_healing_production_final.py", *flags]),
-             "config": dataclasses.asdict(cfg),
-             "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}}
-    write_atomic(directory / "run_config.json", json.dumps(_json_safe(entry), indent=2, allow_nan=False) + "\n")
+    run = {"command": " ".join(["python", "self_healing_production_final.py", *flags]),
+           "config": dataclasses.asdict(cfg),
+           "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}}
+    entry = {**threshold_dict(cfg), RUN_KEY: run}
+    write_atomic(directory / "threshold_config.json", json.dumps(_json_safe(entry), indent=2, allow_nan=False) + "\n")
 
 
 def _json_safe(value):
@@ -2187,6 +2189,9 @@ def csv_row(r: BatchRecord) -> list[str]:
     return [csv_cell(_lookup(r, path)) for _, path in CSV_TABLE]
 
 
+RUN_KEY = "run"  # threshold_config.json's record of the run; --thresholds reads past it
+
+
 def threshold_dict(cfg: Config) -> dict:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata["threshold"]}
 
@@ -2217,9 +2222,7 @@ class Exporter:
         self._events.write("\n]\n")
         for f in self.files:
             f.commit()
-        write_atomic(self.dir / "threshold_config.json",
-                     json.dumps(threshold_dict(self.cfg), indent=2, allow_nan=False) + "\n")
-        write_run_config(self.dir, self.cfg)
+        write_threshold_config(self.dir, self.cfg)
 
     def abort(self) -> None:
         for f in self.files:
@@ -2329,9 +2332,10 @@ def read_json_file(path, what: str):
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
         raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"{what} {path} is not a regular file")
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ConfigError(f"{what} {path} is not a regular file")
         try:
             raw = f.read(MAX_INPUT_BYTES + 1)
         except OSError as e:
@@ -2826,6 +2830,7 @@ def read_thresholds(path: str) -> dict:
     data = read_json_file(path, "threshold file")
     if not isinstance(data, dict):
         raise ConfigError(f"threshold file {path} must hold one JSON object")
+    data = {k: v for k, v in data.items() if k != RUN_KEY}
     types = threshold_fields()
     unknown = sorted(set(data) - set(types))
     if unknown:
@@ -2892,8 +2897,7 @@ def run_and_report(cfg: Config, out: Path, console: Callable[[str], None]) -> in
     evaluation = evaluate_run(run)
     for line in report(run, evaluation):
         console(line)
-    console(f"\nExported metrics.csv, events.json, threshold_config.json and run_config.json to "
-            f"{out / 'monitoring_export'}")
+    console(f"\nExported metrics.csv, events.json and threshold_config.json to {out / 'monitoring_export'}")
     if not cfg.no_plots:
         make_plots(run, evaluation, out / "plots")
         console(f"Wrote {len(PLOTS)} plots to {out / 'plots'}")
@@ -2911,7 +2915,7 @@ def run_seed_sweep(cfg: Config, console: Callable[[str], None] = print, workers:
         console(line)
     exports = Path(cfg.out) / "monitoring_export"
     console(f"Wrote {write_sweep_csv(summaries, exports)}")
-    write_run_config(exports, cfg)
+    write_threshold_config(exports, cfg)
     if not cfg.no_plots:
         plot_seed_sweep(summaries, Path(cfg.out) / "plots")
     return summaries
@@ -2951,7 +2955,7 @@ def run_bench(cfg: Config, out: Path, console: Callable[[str], None], merged: li
     for line in bench_report(rows, cfg):
         console(line)
     console(f"\nWrote {write_bench_csv(rows, out / 'monitoring_export')}")
-    write_run_config(out / "monitoring_export", cfg)
+    write_threshold_config(out / "monitoring_export", cfg)
     if not cfg.no_plots:
         console(f"Wrote {plot_bench(rows, out / 'plots')}")
     return 0
@@ -2968,8 +2972,8 @@ def output_plan(cfg: Config) -> dict:
     elif (cfg.scenario, cfg.heal_method) != ("article", "heal"):
         return {}
     else:
-        exports, plots = ["metrics.csv", "events.json", "threshold_config.json"], list(PLOTS)
-    return {"monitoring_export": exports + ["run_config.json"], **({} if cfg.no_plots else {"plots": plots})}
+        exports, plots = ["metrics.csv", "events.json"], list(PLOTS)
+    return {"monitoring_export": exports + ["threshold_config.json"], **({} if cfg.no_plots else {"plots": plots})}
 
 
 def claim_out(cfg: Config) -> Optional[int]:

@@ -18,6 +18,9 @@ BAD_FLAGS = [
     ["--bench", "--shard", "1/0"], ["--bench", "--shard", "-1/3"], ["--shard", "0/2"], ["--merge"],
     ["--bench", "--merge", "--shard", "0/2"], ["--seeds", "2", "--scenario", "offset"],
     ["--bench", "--merge"],  # nothing to merge
+    ["--seed", "-1"], ["--seed", "4294967296"], ["--seeds", "3", "--seed", "4294967294"], ["--lr", "1e20"],
+    ["--heal-timeout", "1e10"], ["--heal-timeout", "1e308"], ["--drift-strength", "1e308"], ["--fn-cost", "1e308"],
+    ["--n-train", "1000000000"], ["--hidden-dim", "60000"], ["--fidi-window", "1e21"],
 ]
 BAD_THRESHOLD_FILES = {
     "not_json.json": "{rollback_f1_drop: 0.1",
@@ -26,6 +29,16 @@ BAD_THRESHOLD_FILES = {
     "float_for_int.json": json.dumps({"conflict_min": 2.5}),
     "list.json": json.dumps([0.1]),
     "nan.json": '{"fidi_threshold": NaN}',
+    "infinity.json": '{"fidi_threshold": Infinity}',
+    "huge_window.json": '{"fidi_window": 1000000000000000000000}',
+    "huge_float.json": '{"fidi_threshold": 1' + "0" * 400 + '}',
+    "deep.json": "[" * 100_000 + "]" * 100_000,
+    "many_keys.json": json.dumps({f"k{i}": i for i in range(10_000)}),
+}
+BAD_THRESHOLD_BYTES = {
+    "latin1.json": '{"rule_threshold": -1.5} \xe9'.encode("latin-1"),
+    "utf16.json": '{"rule_threshold": -1.5}'.encode("utf-16"),
+    "big.json": b" " * (2 << 20) + b"{}",
 }
 
 
@@ -56,11 +69,42 @@ def test_bad_flags_exit_2_in_one_line(args, tmp_path, capsys, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("name", sorted(BAD_THRESHOLD_FILES))
-def test_bad_threshold_files_exit_2_in_one_line(name, tmp_path):
-    for file, text in BAD_THRESHOLD_FILES.items():
-        (tmp_path / file).write_text(text)
-    _assert_user_error(_run(["--thresholds", name], tmp_path), tmp_path)
+def _main_in(tmp_path, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)  # restored after the test
+    before = sorted(tmp_path.iterdir())
+    try:
+        code = shp.main(args)
+    except SystemExit as e:
+        code = e.code
+    assert sorted(tmp_path.iterdir()) == before, "nothing written"
+    return code
+
+
+@pytest.mark.parametrize("name", sorted(BAD_THRESHOLD_FILES) + sorted(BAD_THRESHOLD_BYTES))
+def test_bad_threshold_files_exit_2_in_one_line(name, tmp_path, monkeypatch, capsys):
+    path = tmp_path / name
+    path.write_bytes(BAD_THRESHOLD_BYTES[name]) if name in BAD_THRESHOLD_BYTES else path.write_text(BAD_THRESHOLD_FILES[name])
+    assert _main_in(tmp_path, monkeypatch, ["--thresholds", name]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1 and len(captured.err) < 400
+    assert "Traceback" not in captured.err and "got nan" not in captured.err
+
+
+def test_infinity_in_a_threshold_file_is_named_as_such(tmp_path, monkeypatch, capsys):
+    (tmp_path / "t.json").write_text('{"fidi_threshold": Infinity}')
+    assert _main_in(tmp_path, monkeypatch, ["--thresholds", "t.json"]) == 2
+    assert "Infinity" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "fifo", "folder"])
+def test_special_threshold_files_never_block_and_exit_2(special, tmp_path, monkeypatch, capsys):
+    import os
+    if special == "fifo":
+        os.mkfifo(tmp_path / "fifo")  # with no writer: opening it for reading the usual way blocks forever
+    if special == "folder":
+        (tmp_path / "folder").mkdir()
+    assert _main_in(tmp_path, monkeypatch, ["--thresholds", special]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
 def test_non_number_exits_2_as_a_real_process(tmp_path):

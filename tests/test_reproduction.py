@@ -93,7 +93,9 @@ def test_events_json_is_strict_and_complete(default_run):
 def test_threshold_config_written(default_run):
     out = default_run.out
     data = json.loads((out / "monitoring_export" / "threshold_config.json").read_text())
+    run = data.pop("run")
     assert data == shp.threshold_dict(shp.Config())
+    assert run["command"] == "python self_healing_production_final.py" and run["config"]["seed"] == 42
     assert sorted(data) == sorted(["rollback_f1_drop", "rollback_acc_drop", "health_window", "conflict_thr",
                                    "min_batches_before_rollback", "conflict_min", "fidi_threshold",
                                    "fidi_window", "rule_threshold"])

@@ -1,0 +1,258 @@
+"""Hostile input, signals and neighbours: each ends in one clear line and valid files."""
+import csv
+import errno
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import SCRIPT, shp
+
+TINY = ["--n-train", "600", "--n-test", "200", "--n-drift", "200", "--epochs", "1", "--n-batches", "3",
+        "--no-plots", "--quiet"]
+LONG_STREAM = ["--n-batches", "200000"]  # long enough to be interrupted mid-stream
+
+
+def _start(args, cwd, **kwargs):
+    return subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _run(args, cwd, **kwargs):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, **kwargs)
+
+
+def _one_error_line(stderr):
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def _temporaries(folder):
+    return sorted(p.name for p in folder.rglob("*.tmp"))
+
+
+def _valid_exports(folder):
+    events = json.loads((folder / "events.json").read_text())
+    rows = list(csv.reader((folder / "metrics.csv").read_text().splitlines()))
+    assert isinstance(events, list) and len({len(r) for r in rows}) == 1 and len(rows) > 1
+    return rows
+
+
+def _wait_for_stream(out, process, seconds=60):
+    """Until the run is streaming: its metrics.csv is being written under a temporary name."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        if list((out / "monitoring_export").glob(".metrics.csv.*.tmp")):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the run never started streaming")
+
+
+def test_two_runs_into_one_out_one_completes_the_other_is_refused(tmp_path):
+    first = _start(TINY + ["--n-batches", "400", "--out", "x", "--seed", "1"], tmp_path)
+    _wait_for_stream(tmp_path / "x", first)
+    second = _run(TINY + ["--out", "x", "--seed", "2"], tmp_path)
+    assert second.returncode == 2 and "busy" in _one_error_line(second.stderr)
+    assert first.wait(timeout=120) == 0, first.stderr.read()
+    _valid_exports(tmp_path / "x" / "monitoring_export")
+    assert _temporaries(tmp_path) == []
+
+
+def test_temporary_names_never_collide(tmp_path):
+    a, b = shp.AtomicFile(tmp_path / "metrics.csv"), shp.AtomicFile(tmp_path / "metrics.csv")
+    assert a.tmp != b.tmp
+    a.discard()
+    b.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_seed_sweep_with_a_process_worker_and_async_apply(tmp_path):
+    proc = _run(TINY + ["--seeds", "2", "--heal-worker", "process", "--async-apply"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert len((tmp_path / "monitoring_export" / "seed_sweep.csv").read_text().splitlines()) == 3
+
+
+def test_an_abandoned_heal_does_not_abort_the_exit(tmp_path):
+    proc = _run(TINY + ["--n-batches", "2", "--conflict-min", "0", "--heal-steps", "100000", "--heal-timeout", "0.5"],
+                tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    events = json.loads((tmp_path / "monitoring_export" / "events.json").read_text())
+    assert [e["reason"] for e in events if e["type"] == "heal_failed"][0] == "heal did not finish within 0.5 s"
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("worker", ["thread", "process"])
+def test_a_signal_mid_stream_cleans_up(sig, status, worker, tmp_path):
+    assert _run(TINY + ["--out", "o"], tmp_path).returncode == 0
+    before = (tmp_path / "o" / "monitoring_export" / "metrics.csv").read_bytes()
+    run = _start(TINY + LONG_STREAM + ["--out", "o", "--heal-worker", worker], tmp_path, start_new_session=True)
+    _wait_for_stream(tmp_path / "o", run)
+    time.sleep(0.5 if worker == "thread" else 3)  # a process worker is up and healing
+    os.killpg(run.pid, sig) if sig == signal.SIGINT else run.send_signal(sig)  # Ctrl-C reaches the group
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == status
+    assert "left as they were" in _one_error_line(stderr)
+    assert _temporaries(tmp_path) == []
+    assert (tmp_path / "o" / "monitoring_export" / "metrics.csv").read_bytes() == before
+    time.sleep(0.5)
+    assert subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True).stdout == b"", "no worker left"
+
+
+def test_ctrl_c_while_torch_loads_prints_one_line(tmp_path):
+    run = _start(TINY, tmp_path)
+    time.sleep(0.3)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130 and "interrupted" in _one_error_line(stderr)
+
+
+def test_a_killed_parent_leaves_no_worker_and_no_noise(tmp_path):
+    run = _start(TINY + LONG_STREAM + ["--heal-worker", "process"], tmp_path)
+    _wait_for_stream(tmp_path, run)
+    time.sleep(3)
+    run.kill()
+    _, stderr = run.communicate(timeout=30)  # returns once the worker, which shares stderr, has gone too
+    assert stderr == ""
+    assert [p.name for p in tmp_path.rglob("*.tmp")], "kill -9 leaves its temporary files"
+    assert _run(TINY, tmp_path).returncode == 0
+    assert _temporaries(tmp_path) == [], "the next run removes them"
+
+
+def test_stale_temporaries_of_live_processes_are_kept(tmp_path):
+    live, dead = tmp_path / f".metrics.csv.{os.getpid()}.0123abcd.tmp", tmp_path / ".events.json.4194303.0123abcd.tmp"
+    live.write_text("")
+    dead.write_text("")
+    (tmp_path / ".notes.tmp").write_text("")  # not ours
+    assert shp.remove_stale_temporaries(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, ".notes.tmp"])
+
+
+def test_head_stops_the_printing_not_the_run(tmp_path):
+    run = _start(TINY[:-1] + ["--out", "o"], tmp_path)  # the batch table too
+    assert run.stdout.readline() and run.stdout.readline()
+    run.stdout.close()  # what `| head -2` does
+    assert run.wait(timeout=120) == 0
+    assert run.stderr.read() == ""
+    _valid_exports(tmp_path / "o" / "monitoring_export")
+
+
+def test_full_standard_output_is_one_line_and_exit_1(tmp_path):
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, str(SCRIPT), *TINY], cwd=tmp_path, stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    assert proc.returncode == 1 and "No space left" in _one_error_line(proc.stderr)
+    _valid_exports(tmp_path / "monitoring_export")
+
+
+def test_a_full_disk_mid_stream_is_one_line_exit_1_and_leaves_earlier_exports(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert shp.main(TINY) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "monitoring_export").iterdir()}
+    written = []
+    real = shp.Exporter.write_record
+
+    def fills_the_disk(self, record):
+        if len(written) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "metrics.csv")
+        written.append(record)
+        real(self, record)
+    monkeypatch.setattr(shp.Exporter, "write_record", fills_the_disk)
+    capsys.readouterr()
+    assert shp.main(TINY + ["--seed", "7"]) == 1
+    assert "No space left on device" in _one_error_line(capsys.readouterr().err)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "monitoring_export").iterdir()} == before
+    assert _temporaries(tmp_path) == []
+
+
+class FullDiskFile:
+    """A file whose last flush, on close, finds the disk full."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def close(self):
+        self.real.close()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_discarded_file_goes_even_when_its_last_flush_fails(tmp_path):
+    f = shp.AtomicFile(tmp_path / "x.csv")
+    f.file = FullDiskFile(f.file)
+    f.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
+def _deep_folder(tmp, length):
+    """A folder that exists, whose path is so long that the exports' paths under it are not allowed."""
+    folder = tmp
+    while len(str(folder)) < length - 200:
+        folder = folder / ("d" * 200)
+    folder = folder / ("d" * (length - len(str(folder)) - 1))
+    os.makedirs(folder)
+    return str(folder)
+
+
+BAD_OUTS = {
+    "proc": lambda tmp: "/proc",
+    "too long": lambda tmp: _deep_folder(tmp, os.pathconf(tmp, "PC_PATH_MAX") - 20),
+    "a file named plots": lambda tmp: (tmp / "plots").write_text("") or str(tmp),
+    "a folder named metrics.csv": lambda tmp: (tmp / "monitoring_export" / "metrics.csv").mkdir(parents=True) or str(tmp),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OUTS))
+def test_an_out_that_cannot_hold_the_exports_is_refused_before_any_work(case, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = BAD_OUTS[case](tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    monkeypatch.setattr(shp, "train_models", lambda *a, **k: pytest.fail("trained before checking --out"))
+    args = TINY + ["--out", out]
+    assert shp.main(args if case != "a file named plots" else [a for a in args if a != "--no-plots"]) == 2
+    assert "cannot write to --out" in _one_error_line(capsys.readouterr().err)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, "nothing created"
+
+
+@pytest.mark.parametrize("flags", [
+    ["--drift-strength", "20"], ["--drift-strength", "-20"], ["--fn-cost", "1e9", "--fp-cost", "0"],
+    ["--fn-cost", "0", "--fp-cost", "0"], ["--lr", "1", "--heal-lr", "1"], ["--fraud-ratio", "0.999", "--n-drift", "2000"],
+])
+def test_extreme_accepted_values_give_finite_readable_reports(flags, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert shp.main(TINY + flags) == 0
+    text = capsys.readouterr().out
+    for word in ("nan", "inf"):
+        assert not [line for line in text.splitlines() if word in line.lower().replace("information", "")], word
+    numbers = [t for t in (token.strip("%$().;:") for token in text.split()) if re.fullmatch(r"[+-]?[\d,.]+", t)]
+    assert numbers and not [n for n in numbers if len(n) > 20], "no number hundreds of digits long"
+
+
+def test_the_recorded_command_reproduces_the_run_that_wrote_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert shp.main(TINY + ["--seed", "7", "--heal-steps", "9", "--out", "a"]) == 0
+    entry = json.loads((tmp_path / "a" / "monitoring_export" / "threshold_config.json").read_text())["run"]
+    assert entry["config"]["seed"] == 7 and entry["config"]["heal_steps"] == 9
+    assert set(entry["versions"]) == {"python", "torch", "numpy"}
+    command = shlex.split(entry["command"])
+    assert command[:2] == ["python", "self_healing_production_final.py"] and "--seed" in command
+    assert shp.main(command[2:] + ["--out", "b"]) == 0
+    assert (tmp_path / "a" / "monitoring_export" / "metrics.csv").read_bytes() == \
+        (tmp_path / "b" / "monitoring_export" / "metrics.csv").read_bytes()
+
+
+def test_main_can_run_in_a_thread_other_than_the_main_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    codes = []
+    worker = threading.Thread(target=lambda: codes.append(shp.main(TINY)))
+    worker.start()
+    worker.join()
+    assert codes == [0]
