@@ -907,10 +907,11 @@ def run_experiment(cfg: Config, trained: Trained = None, batches: Iterable = Non
 
 # Part II. Honest measurement
 #
-# What the article's table leaves out: threshold-free scores (ROC-AUC, PR-AUC), costs,
-# a fresh holdout, the trivial and Bayes-optimal references, forgetting, supervision
-# with fewer labels, and the spread over seeds. Computation only: Part IV prints.
-# Uses Part I.
+# What the article's table leaves out: threshold-free scores, costs, a fresh holdout, the
+# trivial and Bayes-optimal references, forgetting, supervision with fewer labels, the
+# spread over seeds; then the learner's next question, the scenario bench: kinds of drift,
+# the methods measured against healing, each against its Bayes ceiling. Computation only:
+# Part IV prints. Uses Part I, and Part V's Adam as Part I does (commented where it does).
 
 class RuleSupervision(LabelSupervision):
     """No ground truth anywhere: the rule's labels stand in for the true ones."""
@@ -1417,8 +1418,9 @@ class Retrain(StreamMethod):
         if arrived is None:
             return
         self.recent.append(arrived)
+        rows = torch.from_numpy(np.concatenate([b[0] for b in self.recent]))
         with torch.no_grad():
-            features = self.model.reflexive(self.model.backbone(torch.from_numpy(np.concatenate([b[0] for b in self.recent]))))
+            features = self.model.reflexive(self.model.backbone(rows))
         targets = torch.from_numpy(np.concatenate([b[1] for b in self.recent])).unsqueeze(1)
         head = copy.deepcopy(self.trained_head)
         for p in head.parameters():
@@ -1898,19 +1900,6 @@ def batch_line(r: BatchRecord) -> str:
     return "  ".join(format(show(r), spec) for _, spec, show in BATCH_COLUMNS)
 
 
-def attach_outputs(log: StreamLog, cfg: Config, console: Callable[[str], None],
-                   export_dir: Optional[Path]) -> Optional["Exporter"]:
-    """Connect the console table and (when export_dir is given) the exporter to the stream's log."""
-    exporter = Exporter(export_dir, cfg) if export_dir is not None else None
-    if exporter:
-        log.record_listeners.append(exporter.write_record)
-        log.event_listeners.append(exporter.write_event)
-    if not cfg.quiet:
-        log.record_listeners.append(lambda r: console(batch_line(r)))
-        console(batch_header())
-    return exporter
-
-
 # -- The report
 
 # The article's published figures, as it prints them.
@@ -2082,6 +2071,16 @@ def write_atomic(path: Path, text: str) -> None:
 TEMPORARY_NAME = re.compile(r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp")  # AtomicFile's: .NAME.PID.RANDOM.tmp
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid < 2 ** 22  # someone else's process (or a number no process can have)
+    return True
+
+
 def remove_stale_temporaries(directory: Path) -> int:
     """Remove what a killed run (kill -9 leaves no chance to clean up) left in directory: temporary
     files of AtomicFile whose process is gone. Returns how many."""
@@ -2092,16 +2091,6 @@ def remove_stale_temporaries(directory: Path) -> int:
             path.unlink(missing_ok=True)
             removed += 1
     return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return pid < 2 ** 22  # someone else's process (or a number no process can have)
-    return True
 
 
 class Console:
@@ -2124,38 +2113,6 @@ class Console:
                 os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
             except (OSError, ValueError):
                 pass
-
-
-def write_threshold_config(directory: Path, cfg: Config) -> None:
-    """threshold_config.json: the thresholds an operator tunes (what --thresholds reads back), and
-    under "run" where the numbers came from: every setting, the command that reproduces the run,
-    and the versions of Python, torch and numpy."""
-    default = Config()
-    flags = []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if f.name == "out" or value == getattr(default, f.name):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        flags += [flag] if f.type == "bool" else [flag, shlex.quote(str(value))]
-    run = {"command": " ".join(["python", "self_healing_production_final.py", *flags]),
-           "config": dataclasses.asdict(cfg),
-           "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}}
-    entry = {**threshold_dict(cfg), RUN_KEY: run}
-    write_atomic(directory / "threshold_config.json", json.dumps(_json_safe(entry), indent=2, allow_nan=False) + "\n")
-
-
-def _json_safe(value):
-    """Strict JSON: NaN and infinities become null, numpy scalars plain numbers."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 def csv_cell(value) -> str:
@@ -2189,11 +2146,43 @@ def csv_row(r: BatchRecord) -> list[str]:
     return [csv_cell(_lookup(r, path)) for _, path in CSV_TABLE]
 
 
+def _json_safe(value):
+    """Strict JSON: NaN and infinities become null, numpy scalars plain numbers."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
 RUN_KEY = "run"  # threshold_config.json's record of the run; --thresholds reads past it
 
 
 def threshold_dict(cfg: Config) -> dict:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata["threshold"]}
+
+
+def write_threshold_config(directory: Path, cfg: Config) -> None:
+    """threshold_config.json: the thresholds an operator tunes (what --thresholds reads back), and
+    under "run" where the numbers came from: every setting, the command that reproduces the run,
+    and the versions of Python, torch and numpy."""
+    default = Config()
+    flags = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "out" or value == getattr(default, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        flags += [flag] if f.type == "bool" else [flag, shlex.quote(str(value))]
+    run = {"command": " ".join(["python", "self_healing_production_final.py", *flags]),
+           "config": dataclasses.asdict(cfg),
+           "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}}
+    entry = {**threshold_dict(cfg), RUN_KEY: run}
+    write_atomic(directory / "threshold_config.json", json.dumps(_json_safe(entry), indent=2, allow_nan=False) + "\n")
 
 
 class Exporter:
@@ -2227,6 +2216,19 @@ class Exporter:
     def abort(self) -> None:
         for f in self.files:
             f.discard()
+
+
+def attach_outputs(log: StreamLog, cfg: Config, console: Callable[[str], None],
+                   export_dir: Optional[Path]) -> Optional["Exporter"]:
+    """Connect the console table and (when export_dir is given) the exporter to the stream's log."""
+    exporter = Exporter(export_dir, cfg) if export_dir is not None else None
+    if exporter:
+        log.record_listeners.append(exporter.write_record)
+        log.event_listeners.append(exporter.write_event)
+    if not cfg.quiet:
+        log.record_listeners.append(lambda r: console(batch_line(r)))
+        console(batch_header())
+    return exporter
 
 
 def write_sweep_csv(summaries: list[dict], directory: Path) -> Path:
@@ -2367,7 +2369,8 @@ def read_cells(directory: Path, cells: list[BenchCell], cfg: Config) -> list[Ben
         entry = read_json_file(path, "--merge: bench cell")
         try:
             row = BenchRow(**{k: math.nan if v is None else v for k, v in entry["row"].items()})
-            same_cell = entry["cell"] == c.index and (row.scenario, row.method, row.seed) == (c.scenario, c.method, c.seed)
+            same_cell = (entry["cell"] == c.index
+                         and (row.scenario, row.method, row.seed) == (c.scenario, c.method, c.seed))
             same_flags = entry["config"] == fingerprint
             numbers = [getattr(row, f.name) for f in dataclasses.fields(BenchRow) if f.type == "float"]
             if not all(type(v) in (int, float) for v in numbers):
@@ -2764,6 +2767,28 @@ def run_bench_in_processes(cfg: Config, cells: list[BenchCell], workers: int) ->
 # threshold file, and main, which runs one seed or a sweep and writes the outputs.
 # Uses everything above.
 
+def memory_estimate(cfg: Config) -> float:
+    """Bytes the run will hold at its peak, from measured constants: a process with torch imported
+    takes about 300 MiB; drawing the data holds about 250 bytes per row (float64 draws, then float32);
+    the network is copied about 16 times (two models, optimizers, heal copies) plus its snapshots."""
+    h = cfg.hidden_dim
+    parameters = 3 * h * h + 16 * h
+    rows = cfg.n_train + cfg.n_test + 2 * cfg.n_drift + 4 * cfg.batch_size
+    per_process = 300 * 2 ** 20 + 250 * rows + 4 * parameters * (16 + cfg.keep_best + cfg.keep_last)
+    processes = 1 + (min(cfg.seeds, os.cpu_count() or 1) if cfg.bench or cfg.seeds > 1 else 0)
+    return float(per_process * processes)
+
+
+def available_memory() -> Optional[float]:
+    """Bytes of memory this machine has free now (Linux), or None where that cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return float(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+
+
 def validate(cfg: Config) -> Config:
     """Return cfg unchanged or raise ConfigError naming the first bad value."""
     def fail(name: str, rule: str):
@@ -2796,28 +2821,6 @@ def validate(cfg: Config) -> Config:
                           f"250 bytes per data row, 16 + --keep-best + --keep-last copies of the network), more "
                           f"than 80% of the {available / 2 ** 30:,.1f} GiB this machine has free")
     return cfg
-
-
-def memory_estimate(cfg: Config) -> float:
-    """Bytes the run will hold at its peak, from measured constants: a process with torch imported
-    takes about 300 MiB; drawing the data holds about 250 bytes per row (float64 draws, then float32);
-    the network is copied about 16 times (two models, optimizers, heal copies) plus its snapshots."""
-    h = cfg.hidden_dim
-    parameters = 3 * h * h + 16 * h
-    rows = cfg.n_train + cfg.n_test + 2 * cfg.n_drift + 4 * cfg.batch_size
-    per_process = 300 * 2 ** 20 + 250 * rows + 4 * parameters * (16 + cfg.keep_best + cfg.keep_last)
-    processes = 1 + (min(cfg.seeds, os.cpu_count() or 1) if cfg.bench or cfg.seeds > 1 else 0)
-    return float(per_process * processes)
-
-
-def available_memory() -> Optional[float]:
-    """Bytes of memory this machine has free now (Linux), or None where that cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return float(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError, IndexError):
-        return None
 
 
 def threshold_fields() -> dict:
@@ -2925,7 +2928,8 @@ def run_scenario(cfg: Config, console: Callable[[str], None]) -> int:
     """One seed of one scenario served by one method, beside no adaptation and the Bayes ceiling."""
     trained = train_models(cfg, parallel=True)
     ceiling = scenario_ceiling(cfg.scenario, cfg)
-    rows = [bench_cell(cfg.scenario, method, trained, cfg, ceiling) for method in dict.fromkeys([cfg.heal_method, "none"])]
+    methods = dict.fromkeys([cfg.heal_method, "none"])  # the method, then no adaptation beside it
+    rows = [bench_cell(cfg.scenario, method, trained, cfg, ceiling) for method in methods]
     for line in bench_report(rows, cfg):
         console(line)
     console("(A run of one scenario and method writes no files; --bench writes the whole comparison.)")

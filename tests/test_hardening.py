@@ -58,7 +58,7 @@ def _wait_for_stream(out, process, seconds=60):
 
 
 def test_two_runs_into_one_out_one_completes_the_other_is_refused(tmp_path):
-    first = _start(TINY + ["--n-batches", "400", "--out", "x", "--seed", "1"], tmp_path)
+    first = _start(TINY + ["--n-batches", "250", "--out", "x", "--seed", "1"], tmp_path)
     _wait_for_stream(tmp_path / "x", first)
     second = _run(TINY + ["--out", "x", "--seed", "2"], tmp_path)
     assert second.returncode == 2 and "busy" in _one_error_line(second.stderr)
@@ -90,8 +90,7 @@ def test_an_abandoned_heal_does_not_abort_the_exit(tmp_path):
     assert [e["reason"] for e in events if e["type"] == "heal_failed"][0] == "heal did not finish within 0.5 s"
 
 
-@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-@pytest.mark.parametrize("worker", ["thread", "process"])
+@pytest.mark.parametrize("sig, status, worker", [(signal.SIGINT, 130, "process"), (signal.SIGTERM, 143, "thread")])
 def test_a_signal_mid_stream_cleans_up(sig, status, worker, tmp_path):
     assert _run(TINY + ["--out", "o"], tmp_path).returncode == 0
     before = (tmp_path / "o" / "monitoring_export" / "metrics.csv").read_bytes()
