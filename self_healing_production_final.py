@@ -12,8 +12,9 @@ Beside every headline it prints the honest twin: prequential lift, a fresh
 holdout, trivial and Bayes-optimal references, costs and forgetting.
 
 The file reads in six parts. Part I is the article itself and can be read alone;
-II measures it honestly; III is the production heal engine; IV the console
-table, exports and plots; V the speed work; VI the command line.
+II measures it honestly and asks which kinds of drift healing helps with (--bench);
+III is the production heal engine; IV the console table, exports and plots; V the
+speed work; VI the command line.
 
 Run `python self_healing_production_final.py --help` for every knob.
 """
@@ -27,8 +28,8 @@ import datetime
 import json
 import math
 import os
-import re
 import platform
+import re
 import secrets
 import shlex
 import signal

@@ -1,5 +1,6 @@
 """The scenario bench: ceilings, prequential methods, label-free methods, shards."""
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -182,3 +183,25 @@ def test_bench_cells_are_numbered_seed_scenario_method():
     assert [c.index for c in cells] == list(range(2 * len(shp.SCENARIOS) * len(shp.BENCH_METHODS)))
     assert (cells[0].seed, cells[0].scenario, cells[0].method) == (42, "article", "none")
     assert cells[-1].seed == 43 and len({c.name for c in cells}) == len(cells)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong types", "renamed"])
+def test_merge_refuses_a_corrupt_cell_file_in_one_line(damage, tmp_path, capsys):
+    assert shp.main(_bench_args(tmp_path, "--shard", "0/1", "--seeds", "1")) == 0
+    cells = sorted((tmp_path / "bench_cells").iterdir())
+    victim = cells[5]
+    if damage == "garbage":
+        victim.write_bytes(b"\xff\x00 not json")
+    elif damage == "truncated":
+        victim.write_text(victim.read_text()[:40])
+    elif damage == "wrong types":
+        entry = json.loads(victim.read_text())
+        entry["row"]["accuracy"] = "high"
+        victim.write_text(json.dumps(entry))
+    else:
+        victim.write_text(cells[6].read_text())  # another cell's content under this cell's name
+    capsys.readouterr()
+    assert shp.main(_bench_args(tmp_path, "--merge", "--seeds", "1")) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and victim.name in err and "Traceback" not in err
+    assert not (tmp_path / "monitoring_export").exists()
