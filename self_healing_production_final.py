@@ -2232,12 +2232,16 @@ def attach_outputs(log: StreamLog, cfg: Config, console: Callable[[str], None],
     return exporter
 
 
+def write_csv(path: Path, columns: list[str], rows: list[dict]) -> Path:
+    """A small CSV written whole: a header, then each row's values under their columns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [",".join(columns)] + [",".join(csv_cell(row[c]) for c in columns) for row in rows]
+    write_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+
 def write_sweep_csv(summaries: list[dict], directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    columns = ["seed", *SWEEP_FIGURES, "heals", "rollbacks"]
-    lines = [",".join(columns)] + [",".join(csv_cell(s[c]) for c in columns) for s in summaries]
-    write_atomic(directory / "seed_sweep.csv", "\n".join(lines) + "\n")
-    return directory / "seed_sweep.csv"
+    return write_csv(directory / "seed_sweep.csv", ["seed", *SWEEP_FIGURES, "heals", "rollbacks"], summaries)
 
 
 # -- The bench's table, CSV, cell files and plot
@@ -2300,11 +2304,8 @@ def bench_report(rows: list[BenchRow], cfg: Config) -> list[str]:
 
 
 def write_bench_csv(rows: list[BenchRow], directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    names = [f.name for f in dataclasses.fields(BenchRow)]
-    lines = [",".join(names)] + [",".join(csv_cell(getattr(r, n)) for n in names) for r in rows]
-    write_atomic(directory / "bench.csv", "\n".join(lines) + "\n")
-    return directory / "bench.csv"
+    return write_csv(directory / "bench.csv", [f.name for f in dataclasses.fields(BenchRow)],
+                     [dataclasses.asdict(r) for r in rows])
 
 
 def bench_fingerprint(cfg: Config) -> dict:
@@ -2665,7 +2666,7 @@ def _send_result(conn, fn: Callable, *args) -> None:
         conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
-class Forked:
+class ChildProcess:
     """fn(*args) in a child process; .result() returns what fn returned. Forked children
     start in milliseconds with all imports done. Where fork is not safe to use (outside
     Linux), fn simply runs in this process when .result() is called."""
@@ -2708,7 +2709,7 @@ def train_side_by_side(model: nn.Module, baseline: nn.Module, data: Dataset, cfg
     """Train the baseline in a forked process while this one trains the main model (saves
     about 0.45 s of 0.9). Pinned by test_end_to_end_cli_writes_plots_and_exports, which runs
     this path and checks the article's counts, trained in one process by the other tests."""
-    trained_baseline = Forked(_train_to_arrays, baseline, data, cfg, baseline_orders)
+    trained_baseline = ChildProcess(_train_to_arrays, baseline, data, cfg, baseline_orders)
     train(model, data, cfg, model_orders)
     baseline.load_state_dict(from_arrays(trained_baseline.result()))
 
@@ -2719,7 +2720,7 @@ def make_plots(run: RunResult, evaluation: Evaluation, directory: Path) -> list[
     directory.mkdir(parents=True, exist_ok=True)
     pyplot()  # imported before the fork, so that the child has it too
     data, names = PlotData.of(run, evaluation), list(PLOTS)
-    other_half = Forked(draw_plots, data, directory, names[1::2])
+    other_half = ChildProcess(draw_plots, data, directory, names[1::2])
     try:
         return draw_plots(data, directory, names[0::2]) + other_half.result()
     finally:
@@ -2737,7 +2738,7 @@ def map_in_processes(fn: Callable, items: list, workers: int) -> list:
     if workers <= 1 or len(items) <= 1:
         return _apply_each(fn, items)
     chunks = [items[k::workers] for k in range(min(workers, len(items)))]
-    children = [Forked(_apply_each, fn, chunk, method="spawn", daemon=False) for chunk in chunks]
+    children = [ChildProcess(_apply_each, fn, chunk, method="spawn", daemon=False) for chunk in chunks]
     try:
         results = [child.result() for child in children]
     finally:
@@ -2767,6 +2768,18 @@ def run_bench_in_processes(cfg: Config, cells: list[BenchCell], workers: int) ->
 # Flags to a validated Config (each field's rule lives with the field in Part I), the
 # threshold file, and main, which runs one seed or a sweep and writes the outputs.
 # Uses everything above.
+
+ARTICLE_RUN = ("article", "heal")  # (scenario, heal method) of the article's own run
+
+
+def run_kind(cfg: Config) -> str:
+    """Which run the flags ask for: shard, bench, sweep, scenario (one scenario and method) or article."""
+    if cfg.bench:
+        return "shard" if cfg.shard else "bench"
+    if cfg.seeds > 1:
+        return "sweep"
+    return "article" if (cfg.scenario, cfg.heal_method) == ARTICLE_RUN else "scenario"
+
 
 def memory_estimate(cfg: Config) -> float:
     """Bytes the run will hold at its peak, from measured constants: a process with torch imported
@@ -2811,7 +2824,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("--shard and --merge go with --bench")
     if cfg.shard and cfg.merge:
         raise ConfigError("--shard runs cells and --merge collects them: give one of the two")
-    if not cfg.bench and cfg.seeds > 1 and (cfg.scenario, cfg.heal_method) != ("article", "heal"):
+    if not cfg.bench and cfg.seeds > 1 and (cfg.scenario, cfg.heal_method) != ARTICLE_RUN:
         raise ConfigError("--seeds sweeps the article's run; for several seeds of --scenario or --heal-method, "
                           "use --bench")
     if cfg.seed + cfg.seeds - 1 > SEED_MAX:
@@ -2968,16 +2981,13 @@ def run_bench(cfg: Config, out: Path, console: Callable[[str], None], merged: li
 
 def output_plan(cfg: Config) -> dict:
     """Folder under --out -> the files this run will write there (none for a run of one scenario)."""
-    if cfg.bench and cfg.shard:
+    kind = run_kind(cfg)
+    if kind == "shard":
         return {"bench_cells": []}
-    if cfg.bench:
-        exports, plots = ["bench.csv"], ["bench.png"]
-    elif cfg.seeds > 1:
-        exports, plots = ["seed_sweep.csv"], ["seed_sweep.png"]
-    elif (cfg.scenario, cfg.heal_method) != ("article", "heal"):
+    if kind == "scenario":
         return {}
-    else:
-        exports, plots = ["metrics.csv", "events.json"], list(PLOTS)
+    exports, plots = {"bench": (["bench.csv"], ["bench.png"]), "sweep": (["seed_sweep.csv"], ["seed_sweep.png"]),
+                      "article": (["metrics.csv", "events.json"], list(PLOTS))}[kind]
     return {"monitoring_export": exports + ["threshold_config.json"], **({} if cfg.no_plots else {"plots": plots})}
 
 
@@ -3057,12 +3067,13 @@ def main(argv: list[str] = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous_term = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
-        if cfg.bench:
+        kind = run_kind(cfg)
+        if kind in ("bench", "shard"):
             code = run_bench(cfg, out, console, merged)
-        elif cfg.seeds > 1:
+        elif kind == "sweep":
             run_seed_sweep(cfg, console)
             code = 0
-        elif (cfg.scenario, cfg.heal_method) != ("article", "heal"):
+        elif kind == "scenario":
             code = run_scenario(cfg, console)
         else:
             code = run_and_report(cfg, out, console)
