@@ -4,23 +4,24 @@ The experiment of the article "Self-Healing Neural Networks in PyTorch: Fix Mode
 Drift in Real Time Without Retraining", as one script:
 
     data -> two models -> drift detection (FIDI, symbolic rule) -> healing of a
-    small adapter (ReflexiveLayer) -> registry, health monitor, rollback ->
-    evaluation -> monitoring exports -> plots
+    small adapter (ReflexiveLayer) -> registry, health monitor, rollback
 
 With default flags it reproduces the article's table exactly (torch 2.13, CPU).
 Beside every headline it prints the honest twin: prequential lift, a fresh
 holdout, trivial and Bayes-optimal references, costs and forgetting.
 
-The file reads in six parts. Part I is the article itself and can be read alone;
-II measures it honestly and asks which kinds of drift healing helps with (--bench);
-III is the production heal engine; IV the console table, exports and plots; V the
-speed work; VI the command line.
+The file reads in six parts. Part I is the article and depends on nothing after it;
+each later part calls into the earlier ones, never the other way: II the heal engine
+(where heals run and what a service adds around them), III honest measurement and the
+scenario bench, IV the console, exports and plots, V the work spread over processes,
+VI the command line.
 
 Run `python self_healing_production_final.py --help` for every knob.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -30,15 +31,15 @@ import math
 import os
 import platform
 import re
-import secrets
 import shlex
 import signal
 import stat
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, TimeoutError as FuturesTimeoutError
+from concurrent.futures import Future, ProcessPoolExecutor, TimeoutError as FuturesTimeoutError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
@@ -57,163 +58,68 @@ except KeyboardInterrupt:  # Ctrl-C while torch loads (a second or two): one lin
 
 # Part I. The article
 #
-# The experiment as the article runs it, in the order the data flows: configuration,
-# data, models, training, metrics, detection, healing, registry and health, the stream,
-# and the experiment that ties them together. Read alone, it is the whole article.
-# It uses only what it defines, except where a comment names a later part.
+# The experiment as the article runs it, in the order the data flows: its knobs, data,
+# models, training, metrics, detection, healing, registry and health, the stream, and the
+# experiment that ties them together. It uses nothing defined after it.
+
+def knob(default, help_text: str, rule=None, threshold: bool = False, role: str = "experiment", choices=None):
+    """A configuration field that is also a command-line flag (Part VI makes the flag). rule: the values it
+    accepts, as an interval ("[1, 1000]", "(0, 1]"); threshold: threshold_config.json holds it; role:
+    "experiment" (it can change the article's figures), "cost" (it prices them) or "run" (it changes no number)."""
+    return field(default=default, metadata=dict(help=help_text, rule=rule, threshold=threshold, role=role,
+                                                 choices=choices))
+
+
+@dataclass(frozen=True)
+class ArticleConfig:
+    """The article's knobs: data, model, training, detection, healing, registry and rollback."""
+    seed: int = knob(42, "seed of numpy's and torch's streams", "[0, 4294967295]")
+    # data
+    n_train: int = knob(5000, "training rows (clean)", "[1, inf)")
+    n_test: int = knob(1000, "clean test rows", "[1, inf)")
+    n_drift: int = knob(1000, "drifted rows the stream samples from", "[1, inf)")
+    fraud_ratio: float = knob(0.15, "share of fraud rows in every set", "(0, 1)")
+    drift_strength: float = knob(2.2, "shift of normal rows' V14 mean in the drifted set", "[-20, 20]")
+    # model and training
+    hidden_dim: int = knob(64, "width of the hidden layers", "[1, 100000]")
+    epochs: int = knob(20, "training epochs", "[1, 1000000]")
+    batch_size: int = knob(100, "rows per training batch and per stream batch", "[1, 10000000]")
+    lr: float = knob(1e-3, "Adam learning rate for training", "(0, 1]")
+    # detection
+    fidi_window: int = knob(10, "batch means in the FIDI window (z needs 3 of them)", "[1, 1000000]",
+                            threshold=True)
+    fidi_threshold: float = knob(1.0, "drifting when the FIDI z-score exceeds this", threshold=True)
+    rule_threshold: float = knob(-1.5, "the symbolic rule calls a row fraud when V14 < this", threshold=True)
+    conflict_thr: float = knob(0.30, "a conflict: rule says fraud, model probability below this", threshold=True)
+    conflict_min: int = knob(5, "heal when a batch has at least this many conflicts", "[0, 1000000000]",
+                             threshold=True)
+    # stream and heal
+    n_batches: int = knob(25, "stream batches", "[1, 1000000000]")
+    heal_steps: int = knob(5, "Adam steps per heal", "[0, 1000000]")
+    heal_lr: float = knob(0.003, "Adam learning rate of the heal", "(0, 1]")
+    alpha: float = knob(0.70, "weight of the supervised BCE term", "[0, 1]")
+    lambda_lag: float = knob(0.80, "weight of the rule BCE term, times (1 - alpha)", "[0, 1000000]")
+    entropy_weight: float = knob(0.03, "weight of the mean binary entropy term", "[0, 1000000]")
+    # registry, health and rollback
+    rollback_f1_drop: float = knob(0.08, "roll back when the window's mean F1 falls this far below baseline",
+                                   "[0, inf)", threshold=True)
+    rollback_acc_drop: float = knob(0.10, "roll back when the window's mean accuracy falls this far below "
+                                    "baseline", "[0, inf)", threshold=True)
+    health_window: int = knob(5, "batches in the health monitor's window", "[1, 1000000]", threshold=True)
+    min_batches_before_rollback: int = knob(3, "health updates needed before a rollback", "[0, 1000000000]",
+                                            threshold=True)
+    keep_best: int = knob(5, "post-heal snapshots with the best F1 kept in the registry", "[1, 1000000]",
+                          role="run")
+    keep_last: int = knob(10, "most recent snapshots kept in the registry", "[1, 1000000]", role="run")
+
+
+# -- Data
 
 V14 = 7  # column index of the drifting feature "V14"
 N_FEATURES = 10
 FRAUD_V14 = (-2.5, 0.8)  # mean and std of fraud rows' V14, which never drifts
 NORMAL_V14_STD = 1.0     # normal rows' V14: mean 0, or -drift_strength when drifted
-MIN_FIDI_ENTRIES = 3  # the article computes z only once the window holds 3 means
-MIN_HEALTH_ENTRIES = 3  # and judges health only on 3 or more entries
-SUPERVISION_MODES = ("labels", "rules", "delayed")
-HEAL_WORKERS = ("thread", "process")
-SCENARIOS = ("article", "stationary", "offset", "gradual", "recurring", "prior", "covariate")  # Part II
-HEAL_METHODS = ("none", "heal", "restandardize", "tent", "em-prior", "rethreshold", "retrain")  # Part II
-STATES = ("HEALTHY", "DRIFTING", "HEALING", "ROLLED_BACK", "QUARANTINED")
-BENCH_SEEDS = 5  # seeds of a --bench run when --seeds is not given
 
-
-# -- Configuration
-
-@dataclass(frozen=True)
-class Check:
-    """A flag's validation rule: a test on its value and the words that name it."""
-    ok: Callable[[object], bool]
-    words: str
-
-
-def at_least(low) -> Check:
-    return Check(lambda v: v >= low, f"at least {low}")
-
-
-def within(low, high) -> Check:
-    return Check(lambda v: low <= v <= high, f"between {low:,} and {high:,}")
-
-
-def parse_shard(text: str) -> Optional[tuple[int, int]]:
-    """'K/N' -> (K, N) when 0 <= K < N, else None."""
-    match = re.fullmatch(r"(\d{1,6})/(\d{1,6})", text)
-    k, n = (int(match[1]), int(match[2])) if match else (0, 0)
-    return (k, n) if k < n else None
-
-
-LEARNING_RATE = Check(lambda v: 0 < v <= 1, "in (0, 1]")  # Adam moves each weight by at most this per step
-MAX_COUNT = 1_000_000  # windows, steps, periods, delays: beyond this a run would never end or never fill them
-SEED_MAX = 2 ** 32 - 1  # numpy's RandomState takes seeds up to this
-SHARE = Check(lambda v: 0 < v < 1, "between 0 and 1 (exclusive)")
-WEIGHT = Check(lambda v: 0 <= v <= 1, "between 0 and 1")
-
-
-def _flag(default, help_text: str, check: Check = None, choices: tuple = None, threshold: bool = False,
-          role: str = "experiment"):
-    """A config field that becomes one command-line flag.
-
-    check:     the rule its value must pass (Part VI applies it);
-    threshold: written to threshold_config.json and read back by --thresholds;
-    role:      "experiment" (it can change the article's figures), "cost" (it prices them),
-               or "run" (where and how the run goes: it changes no number).
-    """
-    return field(default=default, metadata=dict(help=help_text, check=check, choices=choices, threshold=threshold,
-                                                 role=role))
-
-
-@dataclass(frozen=True)
-class Config:
-    """The whole configuration. Each field is a kebab-case command-line flag."""
-
-    # run
-    seed: int = _flag(42, "seed of numpy's and torch's streams", within(0, SEED_MAX))
-    out: str = _flag(".", "directory that receives plots/ and monitoring_export/", role="run")
-    no_plots: bool = _flag(False, "skip the 8 plots", role="run")
-    quiet: bool = _flag(False, "do not print the per-batch table", role="run")
-    seeds: int = _flag(1, f"run this many seeds (seed, seed+1, ...) and print their spread ({BENCH_SEEDS} "
-                       "with --bench unless given)", within(1, 10_000), role="run")
-    bench: bool = _flag(False, "run every scenario against every method over --seeds (5 unless given) and "
-                        "print when self-healing helps", role="run")
-    shard: str = _flag("", "with --bench, run only the cells i with i mod N = K, given as K/N; one file per cell",
-                       Check(lambda v: v == "" or parse_shard(v) is not None, "K/N with 0 <= K < N"), role="run")
-    merge: bool = _flag(False, "with --bench, collect the cell files of all shards into the table, CSV and plot",
-                        role="run")
-    # data
-    n_train: int = _flag(5000, "training rows (clean)", at_least(1))
-    n_test: int = _flag(1000, "clean test rows", at_least(1))
-    n_drift: int = _flag(1000, "drifted rows the stream samples from", at_least(1))
-    fraud_ratio: float = _flag(0.15, "share of fraud rows in every set, in (0, 1)", SHARE)
-    drift_strength: float = _flag(2.2, "shift of normal rows' V14 mean in the drifted set",
-                                  within(-20, 20))
-    # model and training
-    hidden_dim: int = _flag(64, "width of the hidden layers", within(1, 100_000))
-    epochs: int = _flag(20, "training epochs", within(1, MAX_COUNT))
-    batch_size: int = _flag(100, "rows per training batch and per stream batch", within(1, 10_000_000))
-    lr: float = _flag(1e-3, "Adam learning rate for training", LEARNING_RATE)
-    # detection
-    fidi_window: int = _flag(10, "batch means in the FIDI window (z needs 3 of them)", within(1, MAX_COUNT),
-                            threshold=True)
-    fidi_threshold: float = _flag(1.0, "drifting when the FIDI z-score exceeds this", threshold=True)
-    rule_threshold: float = _flag(-1.5, "the symbolic rule calls a row fraud when V14 < this", threshold=True)
-    conflict_thr: float = _flag(0.30, "a conflict: rule says fraud, model probability below this", threshold=True)
-    conflict_min: int = _flag(5, "heal when a batch has at least this many conflicts", within(0, 10 ** 9),
-                            threshold=True)
-    # stream and heal
-    n_batches: int = _flag(25, "stream batches", within(1, 10 ** 9))
-    heal_steps: int = _flag(5, "Adam steps per heal", within(0, MAX_COUNT))
-    heal_lr: float = _flag(0.003, "Adam learning rate of the heal", LEARNING_RATE)
-    alpha: float = _flag(0.70, "weight of the supervised BCE term, in [0, 1]", WEIGHT)
-    lambda_lag: float = _flag(0.80, "weight of the rule BCE term, times (1 - alpha)", within(0, 1e6))
-    entropy_weight: float = _flag(0.03, "weight of the mean binary entropy term", within(0, 1e6))
-    supervision: str = _flag("labels", "what the heal learns from: labels (the article), "
-                             "rules (no ground truth anywhere), delayed (labels K batches late)",
-                             choices=SUPERVISION_MODES)
-    label_delay: int = _flag(3, "K for --supervision delayed: batch i's labels usable from batch i+K",
-                            within(0, MAX_COUNT))
-    heal_worker: str = _flag("thread", "where heals run: thread (starts at once) or process (no "
-                             "interpreter lock shared with inference; about 2 s to start)",
-                             choices=HEAL_WORKERS, role="run")
-    async_apply: bool = _flag(False, "do not wait for a heal: serve on and apply it at the first batch "
-                              "boundary after it finishes (timing-dependent, so not reproducible)")
-    heal_timeout: float = _flag(30.0, "seconds to wait for one heal before rejecting it",
-                                Check(lambda v: 0 < v <= 86_400, "in (0, 86,400]: at most a day"),
-                                role="run")
-    # scenarios and the methods measured against self-healing (Part II)
-    scenario: str = _flag("article", "which drift the stream has: " + ", ".join(SCENARIOS), choices=SCENARIOS)
-    heal_method: str = _flag("heal", "what serves the stream: " + ", ".join(HEAL_METHODS), choices=HEAL_METHODS)
-    shifted_fraud_ratio: float = _flag(0.40, "fraud share of the prior scenario's stream, in (0, 1)", SHARE)
-    recurring_period: int = _flag(5, "batches the recurring scenario's drift stays on, then off",
-                               within(1, MAX_COUNT))
-    covariate_tilt: float = _flag(0.5, "covariate scenario: rows weighted by exp(-tilt * V14)", within(0, 5))
-    adapt_window: int = _flag(5, "recent batches that restandardize, em-prior, rethreshold and retrain use",
-                              within(1, MAX_COUNT))
-    tent_lr: float = _flag(1e-3, "Adam learning rate of tent's one step per batch", LEARNING_RATE)
-    tent_reset_entropy: float = _flag(0.02, "tent resets the adapter when a batch's mean entropy falls below this",
-                                      within(0, 1))
-    retrain_steps: int = _flag(50, "Adam steps of each refit of the head by retrain", within(1, MAX_COUNT))
-    retrain_lr: float = _flag(0.01, "Adam learning rate of retrain's refits", LEARNING_RATE)
-    # registry, health and rollback
-    rollback_f1_drop: float = _flag(0.08, "roll back when the window's mean F1 falls this far below baseline",
-                                    at_least(0), threshold=True)
-    rollback_acc_drop: float = _flag(0.10, "roll back when the window's mean accuracy falls this far below "
-                                     "baseline", at_least(0), threshold=True)
-    health_window: int = _flag(5, "batches in the health monitor's window", within(1, MAX_COUNT),
-                               threshold=True)
-    min_batches_before_rollback: int = _flag(3, "health updates needed before a rollback", within(0, 10 ** 9),
-                                             threshold=True)
-    keep_best: int = _flag(5, "post-heal snapshots with the best F1 kept in the registry", within(1, MAX_COUNT),
-                           role="run")
-    keep_last: int = _flag(10, "most recent snapshots kept in the registry", within(1, MAX_COUNT),
-                           role="run")
-    # costs
-    fn_cost: float = _flag(5000.0, "cost of a missed fraud", within(0, 1e9), role="cost")
-    fp_cost: float = _flag(200.0, "cost of a false alarm", within(0, 1e9), role="cost")
-
-
-class ConfigError(ValueError):
-    """A user mistake (flags, a threshold file, bench cell files): reported in one line, exit status 2."""
-
-
-# -- Data
 
 @dataclass(frozen=True)
 class Dataset:
@@ -231,7 +137,7 @@ class RowLaw:
     noise_shift: float = 0.0
 
 
-def article_law(cfg: Config, drifted: bool) -> RowLaw:
+def article_law(cfg: ArticleConfig, drifted: bool) -> RowLaw:
     """The article's data: normal V14 centred on 0, or on -drift_strength when drifted; fraud never moves."""
     return RowLaw((-cfg.drift_strength if drifted else 0.0, NORMAL_V14_STD), FRAUD_V14, cfg.fraud_ratio)
 
@@ -252,7 +158,7 @@ def draw_rows(rng: np.random.RandomState, n_normal: int, n_fraud: int, law: RowL
     return Dataset(X[order], y[order])
 
 
-def make_dataset(n: int, cfg: Config, rng: np.random.RandomState, drifted: bool) -> Dataset:
+def make_dataset(n: int, cfg: ArticleConfig, rng: np.random.RandomState, drifted: bool) -> Dataset:
     """n rows of the article's data, int(n * fraud_ratio) of them fraud."""
     n_fraud = int(n * cfg.fraud_ratio)
     return draw_rows(rng, n - n_fraud, n_fraud, article_law(cfg, drifted))
@@ -261,29 +167,18 @@ def make_dataset(n: int, cfg: Config, rng: np.random.RandomState, drifted: bool)
 @dataclass(frozen=True)
 class Data:
     train: Dataset
-    test: Dataset      # clean
-    drift: Dataset     # the stream samples from it; the article's final evaluation set
-    holdout: Dataset   # drifted too, never seen by the stream
+    test: Dataset   # clean
+    drift: Dataset  # the stream samples from it; the article's final evaluation set
 
 
-def make_data(cfg: Config) -> tuple[Data, np.random.RandomState]:
-    """The article's three sets from one stream, plus a holdout from a stream of its own.
-
-    Returns the main stream too: the stream's batch indices continue it.
-    """
+def make_data(cfg: ArticleConfig) -> tuple[Data, np.random.RandomState]:
+    """The article's three sets, drawn in order from one stream, which is returned too:
+    the stream's batch indices continue it."""
     rng = np.random.RandomState(cfg.seed)
     train_set = make_dataset(cfg.n_train, cfg, rng, drifted=False)
     test_set = make_dataset(cfg.n_test, cfg, rng, drifted=False)
     drift_set = make_dataset(cfg.n_drift, cfg, rng, drifted=True)
-    # A separate generator, so that adding the holdout leaves the article's draws untouched.
-    holdout = make_dataset(cfg.n_drift, cfg, np.random.RandomState([cfg.seed, 1]), drifted=True)
-    return Data(train_set, test_set, drift_set, holdout), rng
-
-
-def v14_summary(ds: Dataset, cfg: Config) -> str:
-    """V14's mean and the share of rows the rule would call fraud: how far the set has drifted."""
-    v = ds.X[:, V14]
-    return f"{v.mean():.3f}, {100 * np.mean(v < cfg.rule_threshold):.1f}%"
+    return Data(train_set, test_set, drift_set), rng
 
 
 # -- Models
@@ -301,11 +196,8 @@ class ReflexiveLayer(nn.Module):
 
 
 class SelfHealingMLP(nn.Module):
-    """Frozen backbone and head around a swappable ReflexiveLayer.
-
-    A heal publishes a whole new ReflexiveLayer object by assigning `reflexive`;
-    forward reads that attribute once, so a prediction always uses one version.
-    """
+    """Frozen backbone and head around a swappable ReflexiveLayer. A heal publishes a new ReflexiveLayer
+    by assigning `reflexive`; forward reads it once, so a prediction always uses one version."""
 
     def __init__(self, hidden_dim: int):
         super().__init__()
@@ -343,14 +235,44 @@ def predict_proba(model: nn.Module, X: np.ndarray) -> np.ndarray:
 
 # -- Training
 
-def epoch_orders(cfg: Config) -> list:
+class Adam:
+    """torch.optim.Adam's arithmetic on CPU (its single-tensor path), bit for bit. Not torch.optim.Adam
+    itself because its first use imports torch._dynamo, 2-3 s, longer than this whole training."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params = list(params)
+        self.lr, (self.beta1, self.beta2), self.eps = lr, betas, eps
+        self.steps = [0] * len(self.params)
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            grad, m, v = p.grad, self.exp_avg[i], self.exp_avg_sq[i]
+            self.steps[i] += 1
+            m.lerp_(grad, 1 - self.beta1)
+            v.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+            bias_correction1 = 1 - self.beta1 ** self.steps[i]
+            bias_correction2 = 1 - self.beta2 ** self.steps[i]
+            denom = (v.sqrt() / bias_correction2 ** 0.5).add_(self.eps)
+            p.addcdiv_(m, denom, value=-(self.lr / bias_correction1))
+
+
+def epoch_orders(cfg: ArticleConfig) -> list:
     """One torch.randperm(n_train) per epoch, from torch's global stream."""
     return [torch.randperm(cfg.n_train) for _ in range(cfg.epochs)]
 
 
-def train(model: nn.Module, data: Dataset, cfg: Config, orders: list) -> None:
+def train(model: nn.Module, data: Dataset, cfg: ArticleConfig, orders: list) -> None:
     """Adam on mean BCE, walking each epoch's order in slices of batch_size."""
-    optimizer = Adam(model.parameters(), lr=cfg.lr)  # torch.optim.Adam's arithmetic; Part V says why
+    optimizer = Adam(model.parameters(), lr=cfg.lr)
     X, y = torch.from_numpy(data.X), torch.from_numpy(data.y).unsqueeze(1)
     for perm in orders:
         for start in range(0, len(X), cfg.batch_size):
@@ -358,6 +280,11 @@ def train(model: nn.Module, data: Dataset, cfg: Config, orders: list) -> None:
             optimizer.zero_grad()
             F.binary_cross_entropy(model(X[idx]), y[idx]).backward()
             optimizer.step()
+
+
+def train_in_turn(model, baseline, data: Dataset, cfg: ArticleConfig, model_orders, baseline_orders) -> None:
+    train(model, data, cfg, model_orders)
+    train(baseline, data, cfg, baseline_orders)
 
 
 @dataclass
@@ -369,23 +296,15 @@ class Trained:
     baseline: BaselineMLP
 
 
-def train_models(cfg: Config, parallel: bool = False) -> Trained:
-    """Seed, draw the data, build both models (in the article's order) and train them.
-
-    Both trainings' epoch orders are drawn up front, in the article's order (the
-    self-healing model's, then the baseline's), so the two trainings are
-    independent: with parallel=True the baseline trains in a forked process (Part V).
-    """
+def train_models(cfg: ArticleConfig, train_both: Callable = train_in_turn) -> Trained:
+    """Seed, draw the data, build both models and train them. Both epoch orders are drawn up front, in the
+    article's order, so the trainings are independent and `train_both` may run them side by side."""
     torch.manual_seed(cfg.seed)
     data, rng = make_data(cfg)
     model = SelfHealingMLP(cfg.hidden_dim)
     baseline = BaselineMLP(cfg.hidden_dim)
     model_orders, baseline_orders = epoch_orders(cfg), epoch_orders(cfg)
-    if parallel:
-        train_side_by_side(model, baseline, data.train, cfg, model_orders, baseline_orders)  # Part V
-    else:
-        train(model, data.train, cfg, model_orders)
-        train(baseline, data.train, cfg, baseline_orders)
+    train_both(model, baseline, data.train, cfg, model_orders, baseline_orders)
     model.freeze_backbone_and_head()
     for p in baseline.parameters():
         p.requires_grad_(False)
@@ -427,6 +346,9 @@ def metrics_at(y: np.ndarray, proba: np.ndarray, threshold: float = 0.5) -> Metr
 
 # -- Detection
 
+MIN_FIDI_ENTRIES = 3  # the article computes z only once the window holds 3 means
+
+
 class FIDIMonitor:
     """Feature-level drift index: z of the windowed V14 batch mean against training."""
 
@@ -446,12 +368,12 @@ class FIDIMonitor:
         return z > self.threshold
 
 
-def rule_labels(X: np.ndarray, cfg: Config) -> np.ndarray:
+def rule_labels(X: np.ndarray, cfg: ArticleConfig) -> np.ndarray:
     """The symbolic rule: fraud when V14 is below the rule threshold."""
     return (X[:, V14] < cfg.rule_threshold).astype(np.float32)
 
 
-def conflicts(rule: np.ndarray, proba: np.ndarray, cfg: Config) -> np.ndarray:
+def conflicts(rule: np.ndarray, proba: np.ndarray, cfg: ArticleConfig) -> np.ndarray:
     """Rows the rule calls fraud while the model is confident they are not."""
     return (rule == 1) & (proba < cfg.conflict_thr)
 
@@ -467,16 +389,15 @@ def pos_weight(fraud_frac: float) -> float:
 class HealBatch:
     """What a heal and the health monitor may see: features and their targets."""
     X: np.ndarray
-    targets: np.ndarray  # true labels, or rule labels in `rules` mode
+    targets: np.ndarray  # the batch's true labels in the article
     rule: np.ndarray
 
 
 class LabelSupervision:
-    """What the heal learns from, in the article: each batch's own true labels.
-    Part II adds the two modes that need fewer labels (rules, delayed)."""
+    """What the heal learns from, in the article: each batch's own true labels."""
 
     def view(self, X: np.ndarray, labels: Callable[[], np.ndarray], rule: np.ndarray) -> Optional[HealBatch]:
-        # `labels` is a callable, so that a mode that must not read them never does (a test checks).
+        # `labels` is a callable, so that a mode that must not read them never does (Part III has such modes).
         return HealBatch(X, labels(), rule)
 
 
@@ -485,12 +406,9 @@ def mean_binary_entropy(proba):
     return -(proba * torch.log(proba + 1e-8) + (1 - proba) * torch.log(1 - proba + 1e-8)).mean()
 
 
-def heal_loss(proba, targets, rule, weight, cfg: Config):
-    """alpha * weighted BCE(targets) + (1 - alpha) * lambda * BCE(rule) + entropy term.
-
-    The probabilities are turned back into logits the article's way; the 1e-8
-    guards are part of what reproduces its numbers.
-    """
+def heal_loss(proba, targets, rule, weight, cfg: ArticleConfig):
+    """alpha * weighted BCE(targets) + (1 - alpha) * lambda * BCE(rule) + entropy term. The probabilities
+    are turned back into logits the article's way; its 1e-8 guards are part of what reproduces its numbers."""
     logits = torch.log(proba / (1 - proba + 1e-8))
     supervised = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=torch.tensor(weight))
     symbolic = F.binary_cross_entropy(proba, rule)
@@ -510,18 +428,14 @@ class HealResult:
 
 
 class AdapterTrainer:
-    """The healing side: a private ReflexiveLayer and one Adam optimizer over it,
-    kept across heals (as in the article; a rollback does not reset it).
+    """A private ReflexiveLayer and one Adam optimizer over it, kept across heals (as in the
+    article; a rollback does not reset it). Each heal trains copies of both and commits them
+    only when loss and weights stayed finite, so a rejected heal leaves nothing behind."""
 
-    Each heal trains copies of layer and optimizer and commits them only when
-    loss and weights stayed finite, so a rejected heal leaves nothing behind.
-    The committed layer is handed out to be served and never changed again.
-    """
-
-    def __init__(self, model: SelfHealingMLP, cfg: Config):
+    def __init__(self, model: SelfHealingMLP, cfg: ArticleConfig):
         self.backbone, self.head, self.cfg = model.backbone, model.head, cfg
         self.layer = copy.deepcopy(model.reflexive)
-        self.optimizer = Adam(self.layer.parameters(), lr=cfg.heal_lr)  # Part V
+        self.optimizer = Adam(self.layer.parameters(), lr=cfg.heal_lr)
 
     def heal(self, batch: HealBatch, weight: float) -> HealResult:
         start = time.perf_counter()
@@ -551,6 +465,49 @@ class AdapterTrainer:
         self.layer, self.optimizer = layer, optimizer
 
 
+@dataclass(frozen=True)
+class HealJob:
+    """A heal asked for at one batch: what it learns from, and the served model's score there."""
+    batch: int
+    view: HealBatch
+    weight: float    # pos_weight
+    before: Metrics  # the served model on the view, saved with the pre-heal snapshot
+
+
+@dataclass(frozen=True)
+class HealOutcome:
+    job: HealJob
+    result: Optional[HealResult]  # None: rejected, for `reason`
+    reason: str = ""
+
+
+class InlineHealer:
+    """The article's healer: each heal runs in the serving thread, and the stream waits for it. Every healer
+    has these calls: submit(job) asks for a heal and names the batch's action; finished() hands back the heals
+    done, to publish now; restore(state) continues from a rollback. Part II's run elsewhere, or do not wait."""
+
+    def __init__(self, model: SelfHealingMLP, cfg: ArticleConfig):
+        self.trainer = AdapterTrainer(model, cfg)
+        self.done: list[HealOutcome] = []
+
+    def submit(self, job: HealJob) -> str:
+        try:
+            self.done.append(HealOutcome(job, self.trainer.heal(job.view, job.weight)))
+        except HealRejected as e:  # the article's script hung here; the served weights stay
+            self.done.append(HealOutcome(job, None, str(e)))
+        return "heal"
+
+    def finished(self) -> list[HealOutcome]:
+        done, self.done = self.done, []
+        return done
+
+    def restore(self, state: dict) -> None:
+        self.trainer.restore(state)
+
+    def close(self) -> None:
+        pass
+
+
 # -- Registry and health
 
 @dataclass
@@ -564,9 +521,9 @@ class Snapshot:
 
 
 class ModelRegistry:
-    """Versions of the ReflexiveLayer. Keeps the clean version, the keep_best
-    post-heal snapshots with the highest F1 and the keep_last most recent, so
-    its memory is bounded however long the stream runs."""
+    """Versions of the ReflexiveLayer. Keeps the clean version, the keep_best post-heal
+    snapshots with the highest F1 and the keep_last most recent, so its memory is bounded
+    however long the stream runs (the article keeps every one)."""
 
     def __init__(self, keep_best: int, keep_last: int):
         self.keep_best, self.keep_last = keep_best, keep_last
@@ -595,11 +552,14 @@ class ModelRegistry:
             del self.snapshots[version]
 
 
+MIN_HEALTH_ENTRIES = 3  # the article judges health only on 3 or more entries
+
+
 class HealthMonitor:
     """Rolling accuracy and F1; degraded when the window's mean falls below the
     first post-heal result by more than the rollback thresholds."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: ArticleConfig):
         self.cfg = cfg
         self.accuracy: deque = deque(maxlen=cfg.health_window)
         self.f1: deque = deque(maxlen=cfg.health_window)
@@ -628,7 +588,7 @@ class HealthMonitor:
 
     def restart(self) -> None:
         """After a rollback the window starts afresh: old entries describe weights no longer served,
-        and keeping them would roll back again on every following batch."""
+        and keeping them would roll back again on every following batch (the article's script does)."""
         self.accuracy.clear()
         self.f1.clear()
         self.updates = 0
@@ -636,12 +596,17 @@ class HealthMonitor:
 
 # -- The stream
 
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
 @dataclass
 class BatchRecord:
-    """One stream batch: what was decided and how each model scored on it."""
+    """One stream batch: what was decided, how each model scored on it, and its events."""
     batch: int
-    state: str
-    action: str
+    state: str = "HEALTHY"  # HEALTHY, DRIFTING, HEALING, ROLLED_BACK (or Part II's QUARANTINED)
+    action: str = "none"
+    drifting: bool = False
     z: float = math.nan
     conflicts: int = 0
     fraud_frac: float = math.nan
@@ -650,183 +615,131 @@ class BatchRecord:
     healed: Optional[Metrics] = None    # after this batch's heal, on this batch (the article's in-sample figure)
     shadow: Optional[Metrics] = None
     baseline: Optional[Metrics] = None
-    monitor_accuracy: Optional[float] = None  # what the health monitor saw (rule agreement in rules mode)
+    monitor_accuracy: Optional[float] = None  # what the health monitor saw
     monitor_f1: Optional[float] = None
     version_pre: Optional[int] = None
     version_post: Optional[int] = None
     restored_version: Optional[int] = None
+    events: list = field(default_factory=list)  # heals, rollbacks, rejections at this batch
+
+    def event(self, kind: str, batch: int, **details) -> None:
+        self.events.append({"type": kind, "batch": batch, "time": now_iso(), **details})
 
     @property
     def lift(self) -> Optional[float]:
         """The article's lift: healed accuracy minus shadow accuracy, on the batch the heal trained on."""
         return None if self.healed is None else self.healed.accuracy - self.shadow.accuracy
 
-    @property
-    def prequential_lift(self) -> Optional[float]:
-        """The honest lift: accuracy of the model that served the batch minus the shadow's."""
-        return None if self.served is None else self.served.accuracy - self.shadow.accuracy
 
-    @property
-    def prequential_f1_lift(self) -> Optional[float]:
-        return None if self.served is None else self.served.f1 - self.shadow.f1
-
-
-class RunningStats:
-    """Count, mean, min, max and positives of a stream of numbers (None is skipped)."""
-
-    def __init__(self):
-        self.n = self.positive = 0
-        self.total, self.min, self.max = 0.0, math.inf, -math.inf
-
-    def add(self, x: Optional[float]) -> None:
-        if x is None:
-            return
-        self.n += 1
-        self.positive += x > 0
-        self.total += x
-        self.min, self.max = min(self.min, x), max(self.max, x)
-
-    @property
-    def mean(self) -> float:
-        return self.total / self.n if self.n else float("nan")
-
-
-def now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
-
-
-class StreamLog:
-    """Collects batch records and events; keeps them in memory only when asked
-    (plots need them) and otherwise hands them straight to its listeners
-    (the console table and the exports of Part IV)."""
-
-    def __init__(self, keep: bool):
-        self.keep = keep
-        self.records: list[BatchRecord] = []
-        self.events: list[dict] = []
-        self.record_listeners: list[Callable[[BatchRecord], None]] = []
-        self.event_listeners: list[Callable[[dict], None]] = []
-        self.counts = {"heal": 0, "rollback": 0, "heal_failed": 0, "batch_quarantined": 0}
-        # Running aggregates, so that a summary needs no per-batch history.
-        self.lift = RunningStats()
-        self.prequential = RunningStats()
-        self.prequential_f1 = RunningStats()
-        self.first_drift_batch: Optional[int] = None
-
-    def record(self, r: BatchRecord, drifting: bool) -> None:
-        if drifting and self.first_drift_batch is None:
-            self.first_drift_batch = r.batch
-        self.lift.add(r.lift)
-        self.prequential.add(r.prequential_lift)
-        self.prequential_f1.add(r.prequential_f1_lift)
-        if self.keep:
-            self.records.append(r)
-        for listener in self.record_listeners:
-            listener(r)
-
-    def event(self, kind: str, batch: int, **details) -> None:
-        self.counts[kind] += 1
-        entry = {"type": kind, "batch": batch, "time": now_iso(), **details}
-        if self.keep:
-            self.events.append(entry)
-        for listener in self.event_listeners:
-            listener(entry)
-
-
-def drifted_batches(data: Dataset, cfg: Config, rng: np.random.RandomState) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def drifted_batches(data: Dataset, cfg: ArticleConfig, rng: np.random.RandomState) -> Iterator[tuple]:
     """The article's stream: batch_size rows drawn with replacement from the drifted set."""
     for _ in range(cfg.n_batches):
         idx = rng.choice(len(data.X), cfg.batch_size, replace=True)
         yield data.X[idx], data.y[idx]
 
 
+def admit_every_batch(X: np.ndarray) -> Optional[str]:
+    """The article's gate on batches: none. A gate returns why a batch must not be served, or None."""
+    return None
+
+
 class SelfHealingStream:
     """Serves each batch, watches for drift, heals, keeps versions, rolls back.
 
-    This class heals in the serving thread, as the article's script in effect does;
-    Part III's HealEngineStream runs the same step with heals in a worker, bounded
-    waits, contained faults and quarantined batches.
+    What the heal learns from (supervision), where and when it runs (healer) and which
+    batches are served at all (gate) are handed in; the loop is the same whatever they are.
     """
 
-    def __init__(self, model: SelfHealingMLP, shadow: nn.Module, baseline: nn.Module,
-                 fidi: FIDIMonitor, cfg: Config, log: StreamLog):
-        self.model, self.shadow, self.baseline = model, shadow, baseline
-        self.fidi, self.cfg, self.log = fidi, cfg, log
-        self.trainer = AdapterTrainer(model, cfg)
+    def __init__(self, model: SelfHealingMLP, shadow: nn.Module, baseline: nn.Module, fidi: FIDIMonitor,
+                 cfg: ArticleConfig, supervision=None, healer=InlineHealer, gate=admit_every_batch):
+        self.model, self.shadow, self.baseline, self.fidi, self.cfg = model, shadow, baseline, fidi, cfg
+        self.supervision = supervision or LabelSupervision()
+        self.healer = healer(model, cfg)  # built on the served model
+        self.gate = gate
         self.registry = ModelRegistry(cfg.keep_best, cfg.keep_last)
         self.registry.save(model.reflexive, 0, "clean", float("nan"), float("nan"))
         self.health = HealthMonitor(cfg)
-        self.supervision = make_supervision(cfg)  # Part II: labels (the article), rules or delayed
 
-    def serve_batches(self, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> None:
-        for i, (X, y) in enumerate(batches, start=1):
-            self.step(i, X, y)
+    def run(self, batches: Iterable[tuple]) -> Iterator[BatchRecord]:
+        """Serve every batch in turn; yield each batch's record as soon as it is done."""
+        try:
+            for i, (X, y) in enumerate(batches, start=1):
+                yield self.step(i, X, y)
+        finally:
+            self.healer.close()
 
     def step(self, i: int, X: np.ndarray, y: np.ndarray) -> BatchRecord:
-        """serve -> score -> detect -> heal -> version -> health -> rollback."""
-        cfg = self.cfg
+        """publish finished heals -> gate -> serve -> score -> detect -> heal -> publish -> health -> rollback."""
+        cfg, record = self.cfg, BatchRecord(i)
+        self.publish_finished(record)  # heals that finished since the last batch (applied without waiting)
+        refused = self.gate(X)
+        if refused:
+            record.state, record.action = "QUARANTINED", "quarantined"
+            record.event("batch_quarantined", i, reason=refused)
+            return record
         served_proba = predict_proba(self.model, X)  # serve: answered before anything learns from it
-        record = BatchRecord(i, "HEALTHY", "none", served=metrics_at(y, served_proba),
-                             shadow=metrics_at(y, predict_proba(self.shadow, X)),
-                             baseline=metrics_at(y, predict_proba(self.baseline, X)))
+        record.served = metrics_at(y, served_proba)
+        record.shadow = metrics_at(y, predict_proba(self.shadow, X))
+        record.baseline = metrics_at(y, predict_proba(self.baseline, X))
         record.z = self.fidi.update(X[:, V14])
-        drifting = self.fidi.drifting(record.z)
-        if drifting:
-            record.state = "DRIFTING"
+        record.drifting = self.fidi.drifting(record.z)
         rule = rule_labels(X, cfg)
         record.conflicts = int(conflicts(rule, served_proba, cfg).sum())
-        wants_heal = drifting or record.conflicts >= cfg.conflict_min
+        wants_heal = record.drifting or record.conflicts >= cfg.conflict_min
 
         view = self.supervision.view(X, lambda: y, rule)  # what the heal may learn from
-        if view is None:  # delayed labels have not arrived yet
-            record.action = "await_labels" if wants_heal else "none"
+        if view is None:  # labels that have not arrived yet
+            record.action = "await_labels" if wants_heal else record.action
         else:
             view_proba = served_proba if view.X is X else predict_proba(self.model, view.X)
             view_conflicts = conflicts(view.rule, view_proba, cfg)
             record.fraud_frac = float(view.targets[view_conflicts].mean()) if view_conflicts.any() else 0.0
             record.pos_weight = pos_weight(record.fraud_frac)
             before = metrics_at(view.targets, view_proba)
-            result = self.heal(i, record, view, before) if wants_heal else None
-            if result is None:
-                self.monitor(record, before, post_heal=False)
-            else:
-                self.publish(i, record, view, before, result)
-                self.roll_back_if_degraded(i, record, result.layer)
+            if wants_heal:
+                record.action = self.healer.submit(HealJob(i, view, record.pos_weight, before))
+            if self.publish_finished(record):  # a healer that waits hands this batch's heal back here
                 record.healed = metrics_at(y, predict_proba(self.model, X))
-        self.log.record(record, drifting)
+            else:
+                self.monitor(record, before, post_heal=False)
+        record.state = ("ROLLED_BACK" if record.restored_version is not None else
+                        "HEALING" if record.version_post is not None or record.action == "heal_started" else
+                        "DRIFTING" if record.drifting else "HEALTHY")
         return record
 
-    def heal(self, i: int, record: BatchRecord, view: HealBatch, before: Metrics) -> Optional[HealResult]:
-        """Train a private copy of the adapter on the view (None: nothing to publish now)."""
-        try:
-            return self.trainer.heal(view, record.pos_weight)
-        except HealRejected as e:  # the article's script hung here; the served weights stay
-            self.reject(i, record, str(e))
-            return None
+    def publish_finished(self, record: BatchRecord) -> bool:
+        """Publish every heal the healer has finished, or log why it was rejected. True when one of
+        them is this batch's own heal."""
+        own = False
+        for outcome in self.healer.finished():
+            job = outcome.job
+            if outcome.result is None:
+                record.event("heal_failed", job.batch, reason=outcome.reason)
+                record.action = "heal_failed" if job.batch == record.batch else record.action
+                continue
+            self.publish(record, job, outcome.result)
+            self.roll_back_if_degraded(record, outcome.result.layer)
+            own = own or job.batch == record.batch
+        return own
 
-    def reject(self, i: int, record: BatchRecord, reason: str) -> None:
-        record.action = "heal_failed"
-        self.log.event("heal_failed", i, reason=reason)
-
-    def publish(self, i: int, record: BatchRecord, view: HealBatch, before: Metrics, result: HealResult,
-                applied_at: int = None) -> None:
+    def publish(self, record: BatchRecord, job: HealJob, result: HealResult) -> None:
         """Version the heal (pre and post snapshots), serve it, and tell the health monitor."""
-        pre_snap = self.registry.save(self.model.reflexive, i, "pre_heal", before.accuracy, before.f1)
+        before = job.before
+        pre_snap = self.registry.save(self.model.reflexive, job.batch, "pre_heal", before.accuracy, before.f1)
         self.model.reflexive = result.layer  # the atomic swap that publishes the heal
-        after = metrics_at(view.targets, predict_proba(self.model, view.X))
-        post_snap = self.registry.save(result.layer, i, "post_heal", after.accuracy, after.f1)
-        record.state, record.action = "HEALING", "heal"
-        record.version_pre, record.version_post = pre_snap.version, post_snap.version
+        after = metrics_at(job.view.targets, predict_proba(self.model, job.view.X))
+        post_snap = self.registry.save(result.layer, job.batch, "post_heal", after.accuracy, after.f1)
+        record.action, record.version_pre, record.version_post = "heal", pre_snap.version, post_snap.version
         self.monitor(record, after, post_heal=True)
-        self.log.event("heal", i, version_pre=pre_snap.version, version_post=post_snap.version,
-                       applied_at_batch=applied_at or i, pos_weight=record.pos_weight,
-                       accuracy_before=before.accuracy, accuracy_after=after.accuracy,
-                       f1_before=before.f1, f1_after=after.f1,
-                       loss_first=result.losses[0] if result.losses else None,
-                       loss_last=result.losses[-1] if result.losses else None,
-                       seconds=round(result.seconds, 6))
+        record.event("heal", job.batch, version_pre=pre_snap.version, version_post=post_snap.version,
+                     applied_at_batch=record.batch, pos_weight=job.weight,
+                     accuracy_before=before.accuracy, accuracy_after=after.accuracy,
+                     f1_before=before.f1, f1_after=after.f1,
+                     loss_first=result.losses[0] if result.losses else None,
+                     loss_last=result.losses[-1] if result.losses else None,
+                     seconds=round(result.seconds, 6))
 
-    def roll_back_if_degraded(self, i: int, record: BatchRecord, layer: ReflexiveLayer) -> None:
+    def roll_back_if_degraded(self, record: BatchRecord, layer: ReflexiveLayer) -> None:
         """Restore the best post-heal snapshot when the health window has degraded."""
         reason = self.health.degradation()
         target = self.registry.best_post_heal() if reason else None
@@ -835,15 +748,11 @@ class SelfHealingStream:
         restored = copy.deepcopy(layer)
         restored.load_state_dict(target.state)
         self.model.reflexive = restored
-        self.continue_from(target.state)
+        self.healer.restore(target.state)  # later heals start from the restored weights
         self.health.restart()
-        record.state, record.action, record.restored_version = "ROLLED_BACK", "heal+rollback", target.version
-        self.log.event("rollback", i, restored_version=target.version, restored_batch=target.batch,
-                       restored_accuracy=target.accuracy, restored_f1=target.f1, reason=reason)
-
-    def continue_from(self, state: dict) -> None:
-        """Later heals start from the restored weights."""
-        self.trainer.restore(state)
+        record.action, record.restored_version = "heal+rollback", target.version
+        record.event("rollback", record.batch, restored_version=target.version, restored_batch=target.batch,
+                     restored_accuracy=target.accuracy, restored_f1=target.f1, reason=reason)
 
     def monitor(self, record: BatchRecord, m: Metrics, post_heal: bool) -> None:
         self.health.record(m.accuracy, m.f1, post_heal)
@@ -852,19 +761,30 @@ class SelfHealingStream:
 
 # -- The experiment
 
-@dataclass
-class RunResult:
-    cfg: Config
-    trained: Trained       # the models as trained, before the stream
-    fidi: FIDIMonitor
-    log: StreamLog
-    registry: ModelRegistry
-    model: SelfHealingMLP  # as healed by the stream
-    shadow: BaselineMLP
+class Experiment:
+    """One run of the article on trained models: copies of them and the stream over them.
+    Iterating it serves the batches, one record each; afterwards it holds the healed model.
+    `batches` (the article's stream unless given) and the stream's parts can be handed in."""
+
+    def __init__(self, cfg: ArticleConfig, trained: Trained, batches: Iterable = None, **stream_parts):
+        self.cfg, self.trained = cfg, trained
+        # Copies, so that one training can serve several runs (tests do this).
+        self.model, self.shadow = copy.deepcopy(trained.model), copy.deepcopy(trained.baseline)
+        self.fidi = FIDIMonitor(trained.data.train.X[:, V14], cfg.fidi_window, cfg.fidi_threshold)
+        self.stream = SelfHealingStream(self.model, self.shadow, trained.baseline, self.fidi, cfg, **stream_parts)
+        self.batches = batches if batches is not None else \
+            drifted_batches(trained.data.drift, cfg, copy.deepcopy(trained.rng))
+
+    def __iter__(self) -> Iterator[BatchRecord]:
+        return self.stream.run(self.batches)
 
     @property
     def data(self) -> Data:
         return self.trained.data
+
+    @property
+    def registry(self) -> ModelRegistry:
+        return self.stream.registry
 
     def article_table(self) -> dict:
         """The article's four rows at threshold 0.5: the clean model on clean data, then the
@@ -876,43 +796,325 @@ class RunResult:
                                    ("healed", self.model))}}
 
 
-def run_experiment(cfg: Config, trained: Trained = None, batches: Iterable = None,
-                   console: Callable[[str], None] = print, export_dir: Path = None,
-                   keep_records: bool = True) -> RunResult:
-    """Train (unless `trained` is given), stream the drifted batches through the
-    self-healing engine, and return what happened. Tests pass `trained` (to reuse
-    a training), `batches` (to inject faults) and their own `console`."""
-    trained = trained or train_models(cfg)
-    data = trained.data
-    # Copies, so that one training can serve several runs (tests do this).
-    model, rng = copy.deepcopy(trained.model), copy.deepcopy(trained.rng)
-    shadow = copy.deepcopy(trained.baseline)
-    fidi = FIDIMonitor(data.train.X[:, V14], cfg.fidi_window, cfg.fidi_threshold)
-    for line in pipeline_lines(cfg, trained, fidi):  # Part IV: one line per stage so far
-        console(line)
-
-    log = StreamLog(keep_records)
-    exporter = attach_outputs(log, cfg, console, export_dir)  # Part IV: the batch table and the exports
-    try:
-        stream = HealEngineStream(model, shadow, trained.baseline, fidi, cfg, log)  # Part III
-        stream.serve_batches(batches if batches is not None else drifted_batches(data.drift, cfg, rng))
-        result = RunResult(cfg, trained, fidi, log, stream.registry, model, shadow)
-        if exporter:
-            exporter.finish()
-    except BaseException:
-        if exporter:
-            exporter.abort()
-        raise
-    return result
+def run_experiment(cfg: ArticleConfig, trained: Trained = None, **options) -> tuple[Experiment, list]:
+    """Train (unless given a training), serve the whole stream; the experiment and its records."""
+    experiment = Experiment(cfg, trained or train_models(cfg), **options)
+    return experiment, list(experiment)
 
 
-# Part II. Honest measurement
+# Part II. The heal engine
 #
-# What the article's table leaves out: threshold-free scores, costs, a fresh holdout, the
-# trivial and Bayes-optimal references, forgetting, supervision with fewer labels, the
-# spread over seeds; then the learner's next question, the scenario bench: kinds of drift,
-# the methods measured against healing, each against its Bayes ceiling. Computation only:
-# Part IV prints. Uses Part I, and Part V's Adam as Part I does (commented where it does).
+# Part I's stream as a service would run it, composed from parts handed to the same loop:
+# a healer that runs heals in a thread or a worker process (never holding anything that
+# inference needs), waits at most --heal-timeout for each and contains its faults, or
+# applies it without waiting; and a gate that quarantines batches with non-finite features.
+# Uses Part I.
+
+HEAL_WORKERS = ("thread", "process", "inline")
+
+
+@dataclass(frozen=True)
+class EngineConfig(ArticleConfig):
+    """The heal engine: where heals run, how long one may take, whether the stream waits for them."""
+    heal_worker: str = knob("thread", "where heals run: thread (starts at once), process (no interpreter lock "
+                            "shared with inference; about 2 s to start) or inline (in the serving thread, as the "
+                            "article; no timeout)", choices=HEAL_WORKERS, role="run")
+    heal_timeout: float = knob(30.0, "seconds to wait for one heal before rejecting it", "(0, 86400]", role="run")
+    async_apply: bool = knob(False, "do not wait for a heal: serve on and apply it at the first batch boundary "
+                             "after it finishes (timing-dependent, so not reproducible)")
+
+
+def use_one_torch_thread() -> None:
+    """Tensors here are small: one thread per process is fastest, and leaves the other cores
+    to the work that runs beside it (baseline training, plots, a heal worker, other seeds)."""
+    torch.set_num_threads(1)
+
+
+def to_arrays(state: dict) -> dict:
+    """A state dict as numpy copies, to send to another process. Tensors sent there go
+    by shared memory: torch moves their storage in place, under the feet of any thread
+    computing with them, and it costs milliseconds; numpy copies go as plain bytes."""
+    return {k: v.detach().numpy().copy() for k, v in state.items()}
+
+
+def from_arrays(arrays: dict) -> dict:
+    return {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+
+class ThreadHeals:
+    """Heals in a daemon thread of this process. Starts at once; but the thread shares the
+    interpreter lock with inference, which slows predictions (never stops them: no lock of
+    ours is shared) while a heal runs."""
+
+    def __init__(self, model: SelfHealingMLP, cfg: EngineConfig):
+        self.model, self.cfg = model, cfg
+        self.trainer = AdapterTrainer(model, cfg)
+        self.future: Optional[Future] = None
+
+    def start(self, job: HealJob) -> None:
+        future, trainer = Future(), self.trainer
+
+        def work():
+            try:
+                future.set_result(trainer.heal(job.view, job.weight))
+            except BaseException as e:  # contained: reported by result()
+                future.set_exception(e)
+
+        self.future = future
+        threading.Thread(target=work, name="heal", daemon=True).start()
+
+    def busy(self) -> bool:
+        return self.future is not None and not self.future.done()
+
+    def result(self, timeout: float) -> HealResult:
+        """The finished heal, or HealRejected; never waits longer than timeout."""
+        future, self.future = self.future, None
+        try:
+            return future.result(timeout=timeout)
+        except FuturesTimeoutError:
+            self.abandon()
+            raise HealRejected(f"heal did not finish within {timeout:g} s") from None
+        except HealRejected:
+            raise
+        except Exception as e:
+            raise HealRejected(f"heal raised {type(e).__name__}: {e}") from None
+
+    def restore(self, state: dict) -> None:
+        self.trainer.restore(state)
+
+    def abandon(self) -> None:
+        """Leave a hung heal to its (daemon) thread and start again from the served weights;
+        the abandoned thread's trainer is never used again."""
+        self.future = None
+        self.trainer = AdapterTrainer(self.model, self.cfg)
+
+    def close(self) -> None:
+        self.future = None
+
+
+def heal_worker_loop(conn, model_arrays: dict, cfg: EngineConfig) -> None:
+    """The heal worker process: heal or restore on request, reply with the outcome."""
+    use_one_torch_thread()
+    model = SelfHealingMLP(cfg.hidden_dim)
+    model.load_state_dict(from_arrays(model_arrays))
+    model.freeze_backbone_and_head()
+    trainer = AdapterTrainer(model, cfg)
+    try:
+        while True:
+            message = conn.recv()
+            if message[0] == "heal":
+                try:
+                    result = trainer.heal(message[1].view, message[1].weight)
+                    conn.send(("ok", (to_arrays(result.layer.state_dict()), result.losses, result.seconds)))
+                except Exception as e:
+                    conn.send(("error", str(e) if isinstance(e, HealRejected)
+                               else f"heal raised {type(e).__name__}: {e}"))
+            elif message[0] == "restore":
+                trainer.restore(from_arrays(message[1]))
+            else:
+                return
+    except (EOFError, ConnectionError, KeyboardInterrupt):  # the parent has gone: leave quietly
+        pass
+
+
+class ProcessHeals:
+    """Heals in a worker process, so that heal steps share nothing with inference. Starting
+    one costs an import of torch (about 2 s); each heal ships the batch there and the new
+    layer back (tens of kB). Its own process, not Part V's pool: a hung heal is killed."""
+
+    def __init__(self, model: SelfHealingMLP, cfg: EngineConfig):
+        self.model, self.cfg = model, cfg
+        self.process, self.conn = None, None
+        self.pending = False
+
+    def start(self, job: HealJob) -> None:
+        if self.process is None:
+            import multiprocessing
+            context = multiprocessing.get_context("spawn")  # safe beside running threads, unlike fork
+            self.conn, theirs = context.Pipe()
+            self.process = context.Process(target=heal_worker_loop, name="heal-worker", daemon=True,
+                                           args=(theirs, to_arrays(self.model.state_dict()), self.cfg))
+            with ignoring_ctrl_c():
+                self.process.start()
+            theirs.close()
+        self.conn.send(("heal", job))
+        self.pending = True
+
+    def busy(self) -> bool:
+        return self.pending and not self.conn.poll()
+
+    def result(self, timeout: float) -> HealResult:
+        self.pending = False
+        try:
+            if not self.conn.poll(timeout):
+                self.abandon()
+                raise HealRejected(f"heal did not finish within {timeout:g} s")
+            status, payload = self.conn.recv()
+        except (EOFError, OSError) as e:
+            self.abandon()
+            raise HealRejected(f"heal worker died: {type(e).__name__}") from None
+        if status != "ok":
+            raise HealRejected(payload)
+        arrays, losses, seconds = payload
+        layer = copy.deepcopy(self.model.reflexive)  # a new object to serve, built from the arrays
+        layer.load_state_dict(from_arrays(arrays))
+        return HealResult(layer, losses, seconds)
+
+    def restore(self, state: dict) -> None:
+        if self.process is not None:  # applied before the next heal: the pipe keeps order
+            self.conn.send(("restore", to_arrays(state)))
+
+    def abandon(self) -> None:
+        """Kill the worker; the next heal starts a new one from the served weights."""
+        self.pending = False
+        if self.process is not None:
+            self.process.kill()
+            self.process.join(timeout=5)
+            self.conn.close()
+        self.process = self.conn = None
+
+    def close(self) -> None:
+        if self.process is None:
+            return
+        if self.pending:
+            self.abandon()
+            return
+        self.conn.send(("stop",))
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.kill()
+        self.process = self.conn = None
+
+
+@contextlib.contextmanager
+def ignoring_ctrl_c():
+    """Children started here ignore Ctrl-C, which the terminal sends to every process of the run:
+    the parent, which gets it too, stops them on its way out, and they print nothing."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main_thread else None
+    try:
+        yield
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
+
+
+class WaitForHeal:
+    """Each heal is waited for, at most --heal-timeout seconds, and published at its own batch:
+    deterministic, the article's behaviour. A heal that fails or hangs is rejected, never served."""
+
+    def __init__(self, heals, timeout: float):
+        self.heals, self.timeout, self.job = heals, timeout, None
+
+    def submit(self, job: HealJob) -> str:
+        self.heals.start(job)
+        self.job = job
+        return "heal"
+
+    def finished(self) -> list[HealOutcome]:
+        if self.job is None:
+            return []
+        job, self.job = self.job, None
+        return [outcome_of(job, self.heals, self.timeout)]
+
+    def restore(self, state: dict) -> None:
+        self.heals.restore(state)
+
+    def close(self) -> None:
+        self.heals.close()
+
+
+def outcome_of(job: HealJob, heals, timeout: float) -> HealOutcome:
+    try:
+        return HealOutcome(job, heals.result(timeout))
+    except HealRejected as e:
+        return HealOutcome(job, None, str(e))
+
+
+class ApplyWhenDone(WaitForHeal):
+    """--async-apply: the stream does not wait. A heal is published at the first batch boundary
+    after it finishes; one heal at a time (a batch that arrives meanwhile is not healed:
+    heal_busy), and one running past --heal-timeout is abandoned."""
+
+    def __init__(self, heals, timeout: float):
+        super().__init__(heals, timeout)
+        self.started, self.late = 0.0, []
+
+    def submit(self, job: HealJob) -> str:
+        if self.job is not None:
+            if time.monotonic() - self.started <= self.timeout:
+                return "heal_busy"
+            self.heals.abandon()
+            self.late.append(HealOutcome(self.job, None, f"heal did not finish within {self.timeout:g} s"))
+        self.heals.start(job)
+        self.job, self.started = job, time.monotonic()
+        return "heal_started"
+
+    def finished(self) -> list[HealOutcome]:
+        done, self.late = self.late, []
+        if self.job is not None and not self.heals.busy():
+            job, self.job = self.job, None
+            done.append(outcome_of(job, self.heals, 0))
+        return done
+
+
+def make_healer(model: SelfHealingMLP, cfg: EngineConfig):
+    """The healer the engine flags ask for, built on the served model."""
+    if cfg.heal_worker == "inline":
+        return InlineHealer(model, cfg)
+    heals = (ProcessHeals if cfg.heal_worker == "process" else ThreadHeals)(model, cfg)
+    return (ApplyWhenDone if cfg.async_apply else WaitForHeal)(heals, cfg.heal_timeout)
+
+
+def quarantine_non_finite(X: np.ndarray) -> Optional[str]:
+    """A batch with NaN or infinite features is not served (its predictions would mean nothing)."""
+    bad = int((~np.isfinite(X)).any(axis=1).sum())
+    return f"{bad} rows with NaN or infinite features" if bad else None
+
+
+def engine_parts(cfg: EngineConfig) -> dict:
+    """The heal engine's parts for Part I's stream."""
+    return dict(healer=make_healer, gate=quarantine_non_finite)
+
+
+# Part III. Honest measurement
+#
+# What the article's table leaves out: supervision with fewer labels, the prequential lift,
+# threshold-free scores, costs, a fresh holdout, the trivial and Bayes-optimal references,
+# forgetting, the spread over seeds; then the learner's next question, the scenario bench:
+# kinds of drift, the methods measured against healing, each against its Bayes ceiling.
+# Computation only: Part IV prints. Uses Parts I and II.
+
+SUPERVISION_MODES = ("labels", "rules", "delayed")
+SCENARIOS = ("article", "stationary", "offset", "gradual", "recurring", "prior", "covariate")
+HEAL_METHODS = ("none", "heal", "heal-rules", "restandardize", "tent", "em-prior", "rethreshold", "retrain")
+
+
+@dataclass(frozen=True)
+class MeasurementConfig(EngineConfig):
+    """Honest measurement and the bench: supervision, scenarios, the methods measured against healing, costs."""
+    supervision: str = knob("labels", "what the heal learns from: labels (the article), rules (no ground truth "
+                            "anywhere), delayed (labels K batches late)", choices=SUPERVISION_MODES)
+    label_delay: int = knob(3, "K for --supervision delayed, rethreshold and retrain: batch i's labels usable "
+                            "from batch i+K", "[0, 1000000]")
+    scenario: str = knob("article", "which drift the stream has", choices=SCENARIOS)
+    heal_method: str = knob("heal", "what serves the stream (heal-rules: the heal with --supervision rules)",
+                            choices=HEAL_METHODS)
+    shifted_fraud_ratio: float = knob(0.40, "fraud share of the prior scenario's stream", "(0, 1)")
+    recurring_period: int = knob(5, "batches the recurring scenario's drift stays on, then off", "[1, 1000000]")
+    covariate_tilt: float = knob(0.5, "covariate scenario: rows weighted by exp(-tilt * V14)", "[0, 5]")
+    adapt_window: int = knob(5, "recent batches that restandardize, em-prior, rethreshold and retrain use",
+                             "[1, 1000000]")
+    tent_lr: float = knob(1e-3, "Adam learning rate of tent's one step per batch", "(0, 1]")
+    tent_reset_entropy: float = knob(0.02, "tent resets the adapter when a batch's mean entropy falls below "
+                                     "this", "[0, 1]")
+    retrain_steps: int = knob(50, "Adam steps of each refit of the head by retrain", "[1, 1000000]")
+    retrain_lr: float = knob(0.01, "Adam learning rate of retrain's refits", "(0, 1]")
+    fn_cost: float = knob(5000.0, "cost of a missed fraud", "[0, 1000000000]", role="cost")
+    fp_cost: float = knob(200.0, "cost of a false alarm", "[0, 1000000000]", role="cost")
+
+
+# -- Supervision with fewer labels
 
 class RuleSupervision(LabelSupervision):
     """No ground truth anywhere: the rule's labels stand in for the true ones."""
@@ -944,13 +1146,95 @@ class DelayedSupervision(LabelSupervision):
         return self.labelled.push(HealBatch(X, labels(), rule))
 
 
-def make_supervision(cfg: Config) -> LabelSupervision:
+def make_supervision(cfg: MeasurementConfig) -> LabelSupervision:
     if cfg.supervision == "rules":
         return RuleSupervision()
     if cfg.supervision == "delayed":
         return DelayedSupervision(cfg.label_delay)
     return LabelSupervision()
 
+
+def stream_parts(cfg: MeasurementConfig) -> dict:
+    """Everything the flags hand to Part I's stream: the supervision mode and the engine's parts."""
+    return dict(supervision=make_supervision(cfg), **engine_parts(cfg))
+
+
+# -- What a run logs
+
+class RunningStats:
+    """Count, mean, min, max and positives of a stream of numbers (None is skipped)."""
+
+    def __init__(self):
+        self.n = self.positive = 0
+        self.total, self.min, self.max = 0.0, math.inf, -math.inf
+
+    def add(self, x: Optional[float]) -> None:
+        if x is None:
+            return
+        self.n += 1
+        self.positive += x > 0
+        self.total += x
+        self.min, self.max = min(self.min, x), max(self.max, x)
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.n if self.n else float("nan")
+
+
+class StreamLog:
+    """What a run keeps of its stream: event counts and running lifts, so that a summary needs no
+    per-batch history, and the records and events themselves only when asked (plots need them)."""
+
+    def __init__(self, keep: bool):
+        self.keep = keep
+        self.records: list[BatchRecord] = []
+        self.events: list[dict] = []
+        self.counts = {"heal": 0, "rollback": 0, "heal_failed": 0, "batch_quarantined": 0}
+        self.lift, self.prequential, self.prequential_f1 = RunningStats(), RunningStats(), RunningStats()
+        self.first_drift_batch: Optional[int] = None
+
+    def add(self, r: BatchRecord) -> None:
+        if r.drifting and self.first_drift_batch is None:
+            self.first_drift_batch = r.batch
+        self.lift.add(r.lift)
+        self.prequential.add(prequential_lift(r))
+        self.prequential_f1.add(prequential_f1_lift(r))
+        for e in r.events:
+            self.counts[e["type"]] += 1
+        if self.keep:
+            self.records.append(r)
+            self.events.extend(r.events)
+
+
+def prequential_lift(r: BatchRecord) -> Optional[float]:
+    """The honest lift: accuracy of the model that served the batch, before any heal on it, minus the shadow's."""
+    return None if r.served is None else r.served.accuracy - r.shadow.accuracy
+
+
+def prequential_f1_lift(r: BatchRecord) -> Optional[float]:
+    return None if r.served is None else r.served.f1 - r.shadow.f1
+
+
+class Run(Experiment):
+    """The article's experiment with every part the flags ask for (supervision, healer, gate),
+    and the log of its stream, filled as its records go by."""
+
+    def __init__(self, cfg: MeasurementConfig, trained: Trained, batches: Iterable = None, keep_records: bool = True):
+        super().__init__(cfg, trained, batches, **stream_parts(cfg))
+        self.log = StreamLog(keep_records)
+
+    def __iter__(self) -> Iterator[BatchRecord]:
+        for record in super().__iter__():
+            self.log.add(record)
+            yield record
+
+    def to_the_end(self) -> Run:
+        for _ in self:
+            pass
+        return self
+
+
+# -- Scores, costs and ceilings
 
 def roc_auc(y: np.ndarray, scores: np.ndarray) -> float:
     """P(score of a random fraud > score of a random normal), ties counted half (Mann-Whitney)."""
@@ -977,11 +1261,11 @@ def pr_auc(y: np.ndarray, scores: np.ndarray) -> float:
     return float(np.sum(recall_gain * tp / seen))
 
 
-def cost_per_1000(m: Metrics, cfg: Config) -> float:
+def cost_per_1000(m: Metrics, cfg: MeasurementConfig) -> float:
     return (m.fn * cfg.fn_cost + m.fp * cfg.fp_cost) / (m.tp + m.tn + m.fp + m.fn) * 1000
 
 
-def cost_optimal_threshold(y: np.ndarray, scores: np.ndarray, cfg: Config) -> float:
+def cost_optimal_threshold(y: np.ndarray, scores: np.ndarray, cfg: MeasurementConfig) -> float:
     """The threshold (predict fraud when score > t) with the lowest cost on (y, scores)."""
     candidates = np.concatenate([[-np.inf], np.unique(scores)])
     costs = [cost_per_1000(metrics_at(y, scores, t), cfg) for t in candidates]
@@ -998,16 +1282,16 @@ class Scored:
     cost: float
 
 
-def score_model(name: str, y: np.ndarray, proba: np.ndarray, cfg: Config) -> Scored:
+def score_model(name: str, y: np.ndarray, proba: np.ndarray, cfg: MeasurementConfig) -> Scored:
     m = metrics_at(y, proba)
     return Scored(name, m, roc_auc(y, proba), pr_auc(y, proba), cost_per_1000(m, cfg))
 
 
-def fraud_prior(n: int, cfg: Config) -> float:
+def fraud_prior(n: int, cfg: MeasurementConfig) -> float:
     return int(n * cfg.fraud_ratio) / n
 
 
-def drifted_set_law(cfg: Config, n: int) -> RowLaw:
+def drifted_set_law(cfg: MeasurementConfig, n: int) -> RowLaw:
     """The law of a drifted set of n rows, with the fraud share it really has."""
     return dataclasses.replace(article_law(cfg, drifted=True), fraud_share=fraud_prior(n, cfg))
 
@@ -1038,7 +1322,7 @@ def v14_threshold_auc(law: RowLaw) -> float:
     return max(auc, 1 - auc)
 
 
-def cost_threshold(cfg: Config) -> float:
+def cost_threshold(cfg: MeasurementConfig) -> float:
     """The Bayes decision for costs: flag fraud when P(fraud) > fp / (fp + fn)."""
     total = cfg.fn_cost + cfg.fp_cost
     return cfg.fp_cost / total if total > 0 else 0.5
@@ -1052,7 +1336,7 @@ class Ceiling:
     cost: float     # expected cost per 1,000 rows, deciding at cost_threshold
 
 
-def bayes_ceiling(laws: list[RowLaw], cfg: Config) -> Ceiling:
+def bayes_ceiling(laws: list[RowLaw], cfg: MeasurementConfig) -> Ceiling:
     """The ceiling of a stream whose batches (of equal size) follow these laws, integrated on a
     fine V14 grid per distinct law. The AUC is that of the pooled stream, ranked by the true
     posterior of each row's own batch."""
@@ -1085,17 +1369,7 @@ def bayes_ceiling(laws: list[RowLaw], cfg: Config) -> Ceiling:
     return Ceiling(accuracy, auc, cost)
 
 
-ROW_TITLES = {
-    "no_healing": "Under drift, no healing",
-    "shadow": "Shadow, frozen",
-    "healed": "Self-healed",
-    "never_healed": "Same network, never healed",
-    "always_normal": "Always answers normal",
-    "bayes": "Bayes-optimal (known densities)",
-}
-
-
-def score_set(cfg: Config, ds: Dataset, probabilities: dict) -> dict:
+def score_set(cfg: MeasurementConfig, ds: Dataset, probabilities: dict) -> dict:
     """Score every model's probabilities on one drifted set, with the trivial and Bayes references."""
     probabilities = dict(probabilities)
     probabilities["always_normal"] = np.zeros(len(ds.y), dtype=np.float32)
@@ -1115,20 +1389,27 @@ class Evaluation:
     healed_at_cost_threshold: Metrics  # the healed model at that threshold, on the holdout
 
 
-def evaluate_run(run: RunResult) -> Evaluation:
+def holdout_set(cfg: MeasurementConfig) -> Dataset:
+    """A fresh drifted set the stream never sees, from a generator of its own, so that the
+    article's draws stay untouched."""
+    return make_dataset(cfg.n_drift, cfg, np.random.RandomState([cfg.seed, 1]), drifted=True)
+
+
+def evaluate_run(run: Run) -> Evaluation:
     """Every model on the drifted set and on the fresh holdout, against the references."""
     cfg, data, trained = run.cfg, run.data, run.trained
+    holdout = holdout_set(cfg)
     models = {"no_healing": trained.baseline, "shadow": run.shadow, "healed": run.model,
               "never_healed": trained.model}
     rows = {name: score_set(cfg, ds, {k: predict_proba(m, ds.X) for k, m in models.items()})
-            for name, ds in (("drift", data.drift), ("holdout", data.holdout))}
+            for name, ds in (("drift", data.drift), ("holdout", holdout))}
     threshold = cost_optimal_threshold(data.drift.y, predict_proba(run.model, data.drift.X), cfg)
     ceiling = bayes_ceiling([drifted_set_law(cfg, cfg.n_drift)], cfg)
     return Evaluation(rows["drift"], rows["holdout"],
                       score_model("clean", data.test.y, predict_proba(trained.model, data.test.X), cfg),
                       score_model("clean", data.test.y, predict_proba(run.model, data.test.X), cfg),
                       ceiling.accuracy, ceiling.roc_auc, threshold,
-                      metrics_at(data.holdout.y, predict_proba(run.model, data.holdout.X), threshold))
+                      metrics_at(holdout.y, predict_proba(run.model, holdout.X), threshold))
 
 
 # -- Seeds
@@ -1138,9 +1419,9 @@ SWEEP_FIGURES = {"recovery_pp": "+.1f", "prequential_lift_pp": "+.1f", "holdout_
                  "holdout_auc": ".3f", "f1_change": "+.3f", "forgetting_pp": "+.1f", "cost_change": "+,.0f"}
 
 
-def seed_summary(cfg: Config) -> dict:
+def seed_summary(cfg: MeasurementConfig) -> dict:
     """One seed's run, reduced to the figures a sweep aggregates."""
-    run = run_experiment(cfg, console=lambda line: None, keep_records=False)
+    run = Run(cfg, train_models(cfg), keep_records=False).to_the_end()
     e, log = evaluate_run(run), run.log
     d, h = e.drift_rows, e.holdout_rows
     return {
@@ -1155,12 +1436,6 @@ def seed_summary(cfg: Config) -> dict:
         "heals": log.counts["heal"],
         "rollbacks": log.counts["rollback"],
     }
-
-
-def sweep_configs(cfg: Config) -> list[Config]:
-    """One config per seed of the sweep: seed, seed+1, ..., each a quiet single run."""
-    return [dataclasses.replace(cfg, seed=cfg.seed + k, seeds=1, quiet=True, no_plots=True)
-            for k in range(cfg.seeds)]
 
 
 def bootstrap_resamples(n: int, n_resamples: int = 10_000) -> np.ndarray:
@@ -1215,7 +1490,7 @@ SCENARIO_STORIES = {
 }
 
 
-def scenario_law(name: str, t: int, cfg: Config) -> RowLaw:
+def scenario_law(name: str, t: int, cfg: MeasurementConfig) -> RowLaw:
     """The law of batch t (1-based) of a scenario's stream."""
     clean, drifted, d = article_law(cfg, drifted=False), article_law(cfg, drifted=True), cfg.drift_strength
     if name == "article":
@@ -1240,7 +1515,7 @@ def scenario_law(name: str, t: int, cfg: Config) -> RowLaw:
     return clean  # stationary
 
 
-def scenario_batches(name: str, cfg: Config, trained: Trained) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def scenario_batches(name: str, cfg: MeasurementConfig, trained: Trained) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The scenario's production stream. `article` is the article's (rows drawn with replacement
     from the drifted set); every other scenario draws fresh rows from its own generator."""
     if name == "article":
@@ -1254,7 +1529,7 @@ def scenario_batches(name: str, cfg: Config, trained: Trained) -> Iterator[tuple
         yield rows.X, rows.y
 
 
-def scenario_ceiling(name: str, cfg: Config) -> Ceiling:
+def scenario_ceiling(name: str, cfg: MeasurementConfig) -> Ceiling:
     return bayes_ceiling([scenario_law(name, t, cfg) for t in range(1, cfg.n_batches + 1)], cfg)
 
 
@@ -1268,7 +1543,7 @@ class StreamMethod:
     """
     uses_labels = False
 
-    def __init__(self, trained: Trained, cfg: Config):
+    def __init__(self, trained: Trained, cfg: MeasurementConfig):
         self.model, self.cfg = trained.model, cfg
         self.adaptations = 0  # batches on which the method changed what it serves
 
@@ -1287,29 +1562,31 @@ class StreamMethod:
 
 
 class HealMethod(StreamMethod):
-    """The article's self-healing stream (Part I), following --supervision."""
+    """The article's self-healing stream (Part I) with the engine's parts, following --supervision,
+    one batch at a time."""
 
-    def __init__(self, trained: Trained, cfg: Config):
+    def __init__(self, trained: Trained, cfg: MeasurementConfig):
         super().__init__(trained, cfg)
         self.uses_labels = cfg.supervision != "rules"
-        self.model, self.log, self.batches = copy.deepcopy(trained.model), StreamLog(keep=False), 0
-        fidi = FIDIMonitor(trained.data.train.X[:, V14], cfg.fidi_window, cfg.fidi_threshold)
-        self.stream = SelfHealingStream(self.model, copy.deepcopy(trained.baseline), trained.baseline, fidi,
-                                        cfg, self.log)
+        self.experiment, self.batches = Experiment(cfg, trained, batches=(), **stream_parts(cfg)), 0
+        self.model = self.experiment.model
 
     def adapt(self, X, y):
         self.batches += 1
         # With rules, no label is handed over: the rule's own labels stand in for y in the stream's
         # per-batch scores, which decide nothing.
-        self.stream.step(self.batches, X, rule_labels(X, self.cfg) if y is None else y)
-        self.adaptations = self.log.counts["heal"]
+        record = self.experiment.stream.step(self.batches, X, rule_labels(X, self.cfg) if y is None else y)
+        self.adaptations += sum(e["type"] == "heal" for e in record.events)
+
+    def close(self):
+        self.experiment.stream.healer.close()
 
 
 class Restandardize(StreamMethod):
     """Map each feature of the stream back to the training mean and spread, with statistics of the
     last --adapt-window batches (no labels)."""
 
-    def __init__(self, trained: Trained, cfg: Config):
+    def __init__(self, trained: Trained, cfg: MeasurementConfig):
         super().__init__(trained, cfg)
         self.train_mean, self.train_std = trained.data.train.X.mean(axis=0), trained.data.train.X.std(axis=0)
         self.recent: deque = deque(maxlen=cfg.adapt_window)
@@ -1331,14 +1608,14 @@ class Tent(StreamMethod):
     batch's mean entropy falls below --tent-reset-entropy the model has collapsed into
     overconfidence, and the adapter is reset to the clean one (as SAR does) (no labels)."""
 
-    def __init__(self, trained: Trained, cfg: Config):
+    def __init__(self, trained: Trained, cfg: MeasurementConfig):
         super().__init__(trained, cfg)
         self.clean, self.model, self.resets = trained.model, copy.deepcopy(trained.model), 0
         self.reset()
 
     def reset(self) -> None:
         self.model.reflexive = copy.deepcopy(self.clean.reflexive)
-        self.optimizer = Adam(self.model.reflexive.parameters(), lr=self.cfg.tent_lr)  # Part V
+        self.optimizer = Adam(self.model.reflexive.parameters(), lr=self.cfg.tent_lr)
 
     def adapt(self, X, y):
         entropy = mean_binary_entropy(self.model(torch.from_numpy(X)))
@@ -1356,7 +1633,7 @@ class EMPrior(StreamMethod):
     """Saerens et al. (2002): re-estimate the fraud share by EM from the model's probabilities on the
     last --adapt-window batches, and correct the posteriors to it (no labels)."""
 
-    def __init__(self, trained: Trained, cfg: Config):
+    def __init__(self, trained: Trained, cfg: MeasurementConfig):
         super().__init__(trained, cfg)
         self.train_share = self.share = fraud_prior(cfg.n_train, cfg)
         self.recent: deque = deque(maxlen=cfg.adapt_window)
@@ -1385,7 +1662,7 @@ class Rethreshold(StreamMethod):
     last --adapt-window labelled batches. The weights are never touched."""
     uses_labels = True
 
-    def __init__(self, trained: Trained, cfg: Config):
+    def __init__(self, trained: Trained, cfg: MeasurementConfig):
         super().__init__(trained, cfg)
         self.labelled, self.recent = LateArrivals(cfg.label_delay), deque(maxlen=cfg.adapt_window)
         self.threshold = cost_threshold(cfg)
@@ -1409,7 +1686,7 @@ class Retrain(StreamMethod):
     last --adapt-window labelled batches (--retrain-steps Adam steps at --retrain-lr)."""
     uses_labels = True
 
-    def __init__(self, trained: Trained, cfg: Config):
+    def __init__(self, trained: Trained, cfg: MeasurementConfig):
         super().__init__(trained, cfg)
         self.model, self.trained_head = copy.deepcopy(trained.model), trained.model.head
         self.labelled, self.recent = LateArrivals(cfg.label_delay), deque(maxlen=cfg.adapt_window)
@@ -1426,7 +1703,7 @@ class Retrain(StreamMethod):
         head = copy.deepcopy(self.trained_head)
         for p in head.parameters():
             p.requires_grad_(True)
-        optimizer = Adam(head.parameters(), lr=self.cfg.retrain_lr)  # Part V
+        optimizer = Adam(head.parameters(), lr=self.cfg.retrain_lr)
         for _ in range(self.cfg.retrain_steps):
             optimizer.zero_grad()
             F.binary_cross_entropy(head(features), targets).backward()
@@ -1435,12 +1712,12 @@ class Retrain(StreamMethod):
         self.adaptations += 1
 
 
-METHODS = dict(zip(HEAL_METHODS, (StreamMethod, HealMethod, Restandardize, Tent, EMPrior, Rethreshold, Retrain)))
-# The bench runs the heal twice: with labels, as the article does, and with the rule alone.
-BENCH_METHODS = ("none", "heal", "heal-rules", "restandardize", "tent", "em-prior", "rethreshold", "retrain")
+METHODS = {"none": StreamMethod, "heal": HealMethod, "restandardize": Restandardize, "tent": Tent,
+           "em-prior": EMPrior, "rethreshold": Rethreshold, "retrain": Retrain}
 
 
-def make_method(name: str, trained: Trained, cfg: Config) -> StreamMethod:
+def make_method(name: str, trained: Trained, cfg: MeasurementConfig) -> StreamMethod:
+    """The heal runs twice in the bench: with labels, as the article does, and with the rule alone."""
     if name == "heal-rules":
         return HealMethod(trained, dataclasses.replace(cfg, supervision="rules"))
     return METHODS[name](trained, cfg)
@@ -1473,7 +1750,7 @@ BENCH_FIGURES = ("accuracy", "f1", "roc_auc", "cost", "kappa", "gap_closed", "ad
 MIN_GAP = 0.05  # below 5% of no-adaptation's cost, the gap to the ceiling is too small to divide by
 
 
-def bench_cell(scenario: str, method: str, trained: Trained, cfg: Config, ceiling: Ceiling) -> BenchRow:
+def bench_cell(scenario: str, method: str, trained: Trained, cfg: MeasurementConfig, ceiling: Ceiling) -> BenchRow:
     """Stream the scenario through the method; score every prediction made before adapting."""
     served = make_method(method, trained, cfg)
     fidi = FIDIMonitor(trained.data.train.X[:, V14], cfg.fidi_window, cfg.fidi_threshold)
@@ -1517,25 +1794,26 @@ class BenchCell:
         return f"cell-{self.index:04d}-{self.scenario}-{self.method}-seed{self.seed}"
 
 
-def bench_config(cfg: Config) -> Config:
-    """The bench's own settings: its heals wait for each result, so that it is reproducible."""
+def bench_config(cfg: MeasurementConfig) -> MeasurementConfig:
+    """The bench's own settings: it runs the heal with labels and with the rule (heal-rules), and waits
+    for each heal, so that it is reproducible."""
     return dataclasses.replace(cfg, supervision="labels", async_apply=False)
 
 
-def bench_cells(cfg: Config) -> list[BenchCell]:
+def bench_cells(first_seed: int, n_seeds: int) -> list[BenchCell]:
     """Every seed x scenario x method, numbered: the unit a shard runs and a merge collects."""
-    combos = [(cfg.seed + k, s, m) for k in range(cfg.seeds) for s in SCENARIOS for m in BENCH_METHODS]
+    combos = [(first_seed + k, s, m) for k in range(n_seeds) for s in SCENARIOS for m in HEAL_METHODS]
     return [BenchCell(i, *combo) for i, combo in enumerate(combos)]
 
 
-def run_bench_cells(cfg: Config, cells: list[BenchCell],
+def run_bench_cells(cfg: MeasurementConfig, cells: list[BenchCell],
                     done: Callable[[BenchCell, BenchRow], None] = None) -> list[BenchRow]:
     """Run cells, training the models once per seed and computing each scenario's ceiling once;
     done(cell, row), when given, is told of each cell as soon as it is finished."""
     cfg = bench_config(cfg)
     rows, trained, ceilings = [], {}, {}
     for cell in cells:
-        seed_cfg = dataclasses.replace(cfg, seed=cell.seed, seeds=1)
+        seed_cfg = dataclasses.replace(cfg, seed=cell.seed)
         if cell.seed not in trained:
             trained[cell.seed] = train_models(seed_cfg)
         if cell.scenario not in ceilings:
@@ -1571,286 +1849,12 @@ def bench_spread(rows: list[BenchRow]) -> dict:
             for key, group in groups.items()}
 
 
-# Part III. The heal engine
-#
-# The stream of Part I as a service would run it: heals in a worker thread or process,
-# never holding a lock that inference needs; bounded waits; a failed or hung heal
-# contained; bad batches quarantined; optionally, heals applied without waiting.
-# Uses Parts I and II.
-
-def use_one_torch_thread() -> None:
-    """Tensors here are small: one thread per process is fastest, and leaves the other cores
-    to the work that runs beside it (baseline training, plots, a heal worker, other seeds)."""
-    torch.set_num_threads(1)
-
-
-def to_arrays(state: dict) -> dict:
-    """A state dict as numpy copies, to send to another process. Tensors sent there go
-    by shared memory: torch moves their storage in place, under the feet of any thread
-    computing with them, and it costs milliseconds; numpy copies go as plain bytes."""
-    return {k: v.detach().numpy().copy() for k, v in state.items()}
-
-
-def from_arrays(arrays: dict) -> dict:
-    return {k: torch.from_numpy(v) for k, v in arrays.items()}
-
-
-def _worker_main(target: Callable, conn, *args) -> None:
-    """Every child process starts here: one torch thread, then target(conn, *args).
-    A parent that has gone away closes the pipe: the child then leaves quietly."""
-    use_one_torch_thread()
-    try:
-        target(conn, *args)
-    except (EOFError, ConnectionError, KeyboardInterrupt):
-        pass
-
-
-def start_worker(target: Callable, *args, method: str = "spawn", daemon: bool = True):
-    """Start target(conn, *args) in a child process; return it and our end of a duplex pipe.
-    The one way this file starts processes. spawn: a fresh interpreter (about 2 s to import
-    torch), safe beside running threads; fork: starts in milliseconds with everything imported."""
-    import multiprocessing
-    context = multiprocessing.get_context(method)
-    ours, theirs = context.Pipe()
-    process = context.Process(target=_worker_main, args=(target, theirs, *args), daemon=daemon,
-                              name=getattr(target, "__name__", "worker"))
-    # Ctrl-C reaches every process of the terminal; a child that ignores it prints nothing, and
-    # the parent, which gets it too, stops its children on the way out.
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main_thread else None
-    try:
-        process.start()
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous)
-    theirs.close()
-    return process, ours
-
-
-class ThreadHealer:
-    """Heals in a daemon thread of this process. Starts at once; but the thread
-    shares the interpreter lock with inference, which slows predictions (never
-    stops them: no lock of ours is shared) while a heal runs."""
-
-    def __init__(self, model: SelfHealingMLP, cfg: Config):
-        self.model, self.cfg = model, cfg
-        self.trainer = AdapterTrainer(model, cfg)
-        self.future: Optional[Future] = None
-        self.started = 0.0
-
-    def submit(self, batch: HealBatch, weight: float) -> None:
-        future, trainer = Future(), self.trainer
-
-        def work():
-            try:
-                future.set_result(trainer.heal(batch, weight))
-            except BaseException as e:  # contained: reported by result()
-                future.set_exception(e)
-
-        self.future, self.started = future, time.monotonic()
-        threading.Thread(target=work, name="heal", daemon=True).start()
-
-    def busy(self) -> bool:
-        return self.future is not None and not self.future.done()
-
-    def result(self, timeout: float) -> HealResult:
-        """The finished heal, or HealRejected; never waits longer than timeout."""
-        future, self.future = self.future, None
-        try:
-            return future.result(timeout=timeout)
-        except FuturesTimeoutError:
-            self.abandon()
-            raise HealRejected(f"heal did not finish within {timeout:g} s") from None
-        except HealRejected:
-            raise
-        except Exception as e:
-            raise HealRejected(f"heal raised {type(e).__name__}: {e}") from None
-
-    def restore(self, state: dict) -> None:
-        self.trainer.restore(state)
-
-    def abandon(self) -> None:
-        """Leave a hung heal to its (daemon) thread and start again from the served
-        weights; the abandoned thread's trainer is never used again."""
-        self.future = None
-        self.trainer = AdapterTrainer(self.model, self.cfg)
-
-    def close(self) -> None:
-        self.future = None
-
-
-def heal_worker_loop(conn, model_arrays: dict, cfg: Config) -> None:
-    """The heal worker process: heal or restore on request, reply with the outcome."""
-    model = SelfHealingMLP(cfg.hidden_dim)
-    model.load_state_dict(from_arrays(model_arrays))
-    model.freeze_backbone_and_head()
-    trainer = AdapterTrainer(model, cfg)
-    while True:
-        message = conn.recv()
-        if message[0] == "heal":
-            try:
-                result = trainer.heal(*message[1:])
-                conn.send(("ok", (to_arrays(result.layer.state_dict()), result.losses, result.seconds)))
-            except Exception as e:
-                conn.send(("error", e if isinstance(e, HealRejected) else f"heal raised {type(e).__name__}: {e}"))
-        elif message[0] == "restore":
-            trainer.restore(from_arrays(message[1]))
-        else:
-            return
-
-
-class ProcessHealer:
-    """Heals in a worker process, so that heal steps share nothing with inference.
-    Starting one costs an import of torch (about 2 s), and each heal ships the
-    batch there and the new layer back (tens of kB). A hung worker is killed."""
-
-    def __init__(self, model: SelfHealingMLP, cfg: Config):
-        self.model, self.cfg = model, cfg
-        self.process, self.conn = None, None
-        self.pending = False
-        self.started = 0.0
-
-    def submit(self, batch: HealBatch, weight: float) -> None:
-        if self.process is None:
-            self.process, self.conn = start_worker(heal_worker_loop, to_arrays(self.model.state_dict()), self.cfg)
-        self.conn.send(("heal", batch, weight))
-        self.pending, self.started = True, time.monotonic()
-
-    def busy(self) -> bool:
-        return self.pending and not self.conn.poll()
-
-    def result(self, timeout: float) -> HealResult:
-        self.pending = False
-        try:
-            if not self.conn.poll(timeout):
-                self.abandon()
-                raise HealRejected(f"heal did not finish within {timeout:g} s")
-            status, payload = self.conn.recv()
-        except (EOFError, OSError) as e:
-            self.abandon()
-            raise HealRejected(f"heal worker died: {type(e).__name__}") from None
-        if status != "ok":
-            raise payload if isinstance(payload, HealRejected) else HealRejected(payload)
-        arrays, losses, seconds = payload
-        layer = copy.deepcopy(self.model.reflexive)  # a new object to serve, built from the arrays
-        layer.load_state_dict(from_arrays(arrays))
-        return HealResult(layer, losses, seconds)
-
-    def restore(self, state: dict) -> None:
-        if self.process is not None:  # applied before the next heal: the pipe keeps order
-            self.conn.send(("restore", to_arrays(state)))
-
-    def abandon(self) -> None:
-        """Kill the worker; the next heal starts a new one from the served weights."""
-        self.pending = False
-        if self.process is not None:
-            self.process.kill()
-            self.process.join(timeout=5)
-            self.conn.close()
-        self.process = self.conn = None
-
-    def close(self) -> None:
-        if self.process is None:
-            return
-        if self.pending:
-            self.abandon()
-            return
-        self.conn.send(("stop",))
-        self.process.join(timeout=5)
-        if self.process.is_alive():
-            self.process.kill()
-        self.process = self.conn = None
-
-
-HEALERS = dict(zip(HEAL_WORKERS, (ThreadHealer, ProcessHealer)))
-
-
-@dataclass
-class PendingHeal:
-    """--async-apply: the heal in flight, with what publishing it will need."""
-    batch: int
-    view: HealBatch
-    before: Metrics
-
-
-class HealEngineStream(SelfHealingStream):
-    """Part I's stream with its heals run by a worker (--heal-worker), waited for at most
-    --heal-timeout seconds, and rejected, never served, when they fail. A batch with
-    non-finite features is quarantined. With --async-apply the stream does not wait:
-    a heal is published at the first batch boundary after it finishes."""
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.healer = HEALERS[self.cfg.heal_worker](self.model, self.cfg)
-        self.pending: Optional[PendingHeal] = None
-
-    def serve_batches(self, batches) -> None:
-        i = 0
-        try:
-            for i, (X, y) in enumerate(batches, start=1):
-                self.step(i, X, y)
-            if self.pending is not None:  # account for the last heal too
-                self.publish_pending(i, wait=True)
-        finally:
-            self.healer.close()
-
-    def step(self, i: int, X: np.ndarray, y: np.ndarray) -> BatchRecord:
-        if not np.isfinite(X).all():
-            bad = int((~np.isfinite(X)).any(axis=1).sum())
-            self.log.event("batch_quarantined", i, reason=f"{bad} rows with NaN or infinite features")
-            record = BatchRecord(i, "QUARANTINED", "quarantined")
-            self.log.record(record, drifting=False)
-            return record
-        if self.pending is not None and not self.healer.busy():
-            self.publish_pending(i, wait=False)
-        return super().step(i, X, y)
-
-    def heal(self, i: int, record: BatchRecord, view: HealBatch, before: Metrics) -> Optional[HealResult]:
-        if self.cfg.async_apply:
-            self.start_async(i, record, view, before)
-            return None
-        self.healer.submit(view, record.pos_weight)
-        try:
-            return self.healer.result(self.cfg.heal_timeout)
-        except HealRejected as e:
-            self.reject(i, record, str(e))
-            return None
-
-    def continue_from(self, state: dict) -> None:
-        self.healer.restore(state)
-
-    def start_async(self, i: int, record: BatchRecord, view: HealBatch, before: Metrics) -> None:
-        """Start a heal and serve on; one heal at a time, a late one abandoned."""
-        if self.pending is not None:
-            if time.monotonic() - self.healer.started <= self.cfg.heal_timeout:
-                record.action = "heal_busy"  # this batch's heal is skipped
-                return
-            self.healer.abandon()
-            self.log.event("heal_failed", self.pending.batch,
-                           reason=f"heal did not finish within {self.cfg.heal_timeout:g} s")
-        self.healer.submit(view, record.pos_weight)
-        self.pending = PendingHeal(i, view, before)
-        record.state, record.action = "HEALING", "heal_started"
-
-    def publish_pending(self, i: int, wait: bool) -> None:
-        """Publish the heal in flight at batch i's boundary (its own batch's row is already written)."""
-        pending, self.pending = self.pending, None
-        record = BatchRecord(pending.batch, "HEALING", "heal")  # bookkeeping only
-        try:
-            result = self.healer.result(self.cfg.heal_timeout if wait else 0)
-        except HealRejected as e:
-            self.log.event("heal_failed", pending.batch, reason=str(e))
-            return
-        self.publish(pending.batch, record, pending.view, pending.before, result, applied_at=i)
-        self.roll_back_if_degraded(i, record, result.layer)
-
-
 # Part IV. Outputs
 #
 # What a person reads: the pipeline's stage lines and the per-batch table on the console,
 # the report under it, the monitoring exports (metrics.csv, events.json,
-# threshold_config.json) and the plots. Every file is written whole or not at all.
-# Uses Parts I to III.
+# threshold_config.json) and the plots, all made from the records the stream yields.
+# Every file is written whole or not at all. Uses Parts I to III.
 
 def _num(value, spec: str) -> str:
     """A number formatted by spec, or '-' when missing or not finite."""
@@ -1861,10 +1865,16 @@ def _accuracy(m: Optional[Metrics]) -> Optional[float]:
     return None if m is None else m.accuracy
 
 
-def pipeline_lines(cfg: Config, trained: Trained, fidi: FIDIMonitor) -> list[str]:
+def v14_summary(ds: Dataset, cfg: MeasurementConfig) -> str:
+    """V14's mean and the share of rows the rule would call fraud: how far the set has drifted."""
+    v = ds.X[:, V14]
+    return f"{v.mean():.3f}, {100 * np.mean(v < cfg.rule_threshold):.1f}%"
+
+
+def pipeline_lines(run: Run) -> list[str]:
     """One line per stage before the stream, in the order Part I runs them."""
-    data = trained.data
-    clean = metrics_at(data.test.y, predict_proba(trained.model, data.test.X))
+    cfg, data, fidi = run.cfg, run.data, run.fidi
+    clean = metrics_at(data.test.y, predict_proba(run.trained.model, data.test.X))
     return [
         f"Data: {cfg.n_train:,} training, {cfg.n_test:,} clean test and {cfg.n_drift:,} drifted rows, "
         f"{100 * fraud_prior(cfg.n_drift, cfg):.1f}% fraud; V14 mean and share < {cfg.rule_threshold:g}: "
@@ -1889,7 +1899,7 @@ BATCH_COLUMNS = (
     ("healed", ">6", lambda r: _num(_accuracy(r.healed), ".3f")),
     ("shadow", ">6", lambda r: _num(_accuracy(r.shadow), ".3f")),
     ("lift", ">6", lambda r: _num(r.lift, "+.3f")),
-    ("preq", ">6", lambda r: _num(r.prequential_lift, "+.3f")),
+    ("preq", ">6", lambda r: _num(prequential_lift(r), "+.3f")),
 )
 
 
@@ -1916,7 +1926,7 @@ def _formatted(m: Metrics) -> tuple:
     return (f"{100 * m.accuracy:.1f}%", f"{m.precision:.3f}", f"{m.recall:.3f}", f"{m.f1:.3f}", m.counts)
 
 
-def article_comparison(run: RunResult) -> list[tuple[str, str, str]]:
+def article_comparison(run: Run) -> list[tuple[str, str, str]]:
     """(figure, article, this run) for every number of the article's table and text."""
     log, table = run.log, run.article_table()
     rows = []
@@ -1945,22 +1955,27 @@ def article_comparison(run: RunResult) -> list[tuple[str, str, str]]:
     return rows
 
 
-def is_default_experiment(cfg: Config) -> bool:
+def is_default_experiment(cfg: MeasurementConfig) -> bool:
     """True when every flag that shapes the article's numbers is at its default."""
-    default = Config()
+    default = type(cfg)()
     return all(getattr(cfg, f.name) == getattr(default, f.name)
                for f in dataclasses.fields(cfg) if f.metadata["role"] == "experiment")
 
 
-def text_table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+def text_table(header: list[str], rows: list[list], align: str) -> list[str]:
+    """Columns as wide as their widest cell, aligned by `align` ('<' or '>' per column); a row of one
+    cell is a section title, printed as it is."""
+    widths = [max(len(str(row[k])) for row in [header, *rows] if len(row) > 1) for k in range(len(header))]
 
     def line(cells):
-        return "  ".join(f"{c:<{w}}" if a == "<" else f"{c:>{w}}" for c, w, a in zip(cells, widths, align)).rstrip()
-    return [line(header), line(["-" * w for w in widths])] + [line([str(c) for c in row]) for row in rows]
+        if len(cells) == 1:
+            return str(cells[0])
+        return "  ".join(f"{c:<{w}}" if a == "<" else f"{c:>{w}}"
+                         for c, w, a in zip(map(str, cells), widths, align)).rstrip()
+    return [line(header), line(["-" * w for w in widths])] + [line(row) for row in rows]
 
 
-def break_even_line(healed: Metrics, unhealed: Metrics, cfg: Config) -> str:
+def break_even_line(healed: Metrics, unhealed: Metrics, cfg: MeasurementConfig) -> str:
     """At which false-alarm cost healing starts to pay, from the two models' counts."""
     extra_misses, fewer_alarms = healed.fn - unhealed.fn, unhealed.fp - healed.fp
     if fewer_alarms == 0:
@@ -1972,7 +1987,17 @@ def break_even_line(healed: Metrics, unhealed: Metrics, cfg: Config) -> str:
             f"at ${cfg.fn_cost:,.0f} per missed fraud).")
 
 
-def report(run: RunResult, e: Evaluation) -> list[str]:
+ROW_TITLES = {
+    "no_healing": "Under drift, no healing",
+    "shadow": "Shadow, frozen",
+    "healed": "Self-healed",
+    "never_healed": "Same network, never healed",
+    "always_normal": "Always answers normal",
+    "bayes": "Bayes-optimal (known densities)",
+}
+
+
+def report(run: Run, e: Evaluation) -> list[str]:
     cfg, log = run.cfg, run.log
     lines = ["", "Reproduction of the article's table (seed 42, default flags)"]
     if not is_default_experiment(cfg):
@@ -2032,44 +2057,41 @@ def sweep_report(summaries: list[dict], spreads: dict) -> list[str]:
 
 # -- Exports
 
-class AtomicFile:
-    """A file written under a temporary name beside its target and renamed into place by
-    commit(): readers never see half a file, and a failed run leaves the previous one
-    as it was. The temporary name is unique, so two writers never share one."""
+def umask() -> int:
+    """This process's umask, read without changing it (Linux); 022 where it cannot be read."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    return 0o022
 
-    def __init__(self, path: Path, binary: bool = False):
-        self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        self.file = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="")
 
-    def commit(self) -> None:
-        self.file.close()
-        os.replace(self.tmp, self.path)
-
-    def discard(self) -> None:
-        try:
-            self.file.close()
-        except OSError:  # a full disk fails the last flush too; the file goes all the same
-            pass
-        self.tmp.unlink(missing_ok=True)
-
-    def __enter__(self):
-        return self.file
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.commit()
-        else:
-            self.discard()
+@contextlib.contextmanager
+def atomic_file(path: Path, binary: bool = False):
+    """A file written under a temporary name beside its target (.NAME.PID.RANDOM.tmp) and renamed into
+    place when the block ends without an error: readers never see half a file, and a failed run leaves
+    the previous one as it was."""
+    path = Path(path)
+    text = {} if binary else dict(encoding="utf-8", newline="")
+    f = tempfile.NamedTemporaryFile("wb" if binary else "w", dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
+                                    suffix=".tmp", delete=False, **text)
+    try:
+        os.chmod(f.name, 0o666 & ~umask())  # as an ordinary file would be, not tempfile's owner-only 0600
+        yield f
+        f.close()
+        os.replace(f.name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a full disk fails the last flush too; the file goes all the same
+            f.close()
+        Path(f.name).unlink(missing_ok=True)
+        raise
 
 
 def write_atomic(path: Path, text: str) -> None:
-    with AtomicFile(path) as f:
+    with atomic_file(path) as f:
         f.write(text)
 
 
-TEMPORARY_NAME = re.compile(r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp")  # AtomicFile's: .NAME.PID.RANDOM.tmp
+TEMPORARY_NAME = re.compile(r"\..+\.(\d+)\.[a-z0-9_]{8}\.tmp")  # atomic_file's: .NAME.PID.RANDOM.tmp
 
 
 def _process_alive(pid: int) -> bool:
@@ -2084,7 +2106,7 @@ def _process_alive(pid: int) -> bool:
 
 def remove_stale_temporaries(directory: Path) -> int:
     """Remove what a killed run (kill -9 leaves no chance to clean up) left in directory: temporary
-    files of AtomicFile whose process is gone. Returns how many."""
+    files of atomic_file whose process is gone. Returns how many."""
     removed = 0
     for path in directory.iterdir() if directory.is_dir() else ():
         match = TEMPORARY_NAME.fullmatch(path.name)
@@ -2124,27 +2146,29 @@ def csv_cell(value) -> str:
     return str(value)
 
 
-def _lookup(record: BatchRecord, path: str):
-    """record.a.b, or None where a part is missing."""
-    value = record
-    for part in path.split("."):
-        value = None if value is None else getattr(value, part)
-    return value
+def _metric(model: str, name: str) -> Callable[[BatchRecord], Optional[float]]:
+    return lambda r: None if getattr(r, model) is None else getattr(getattr(r, model), name)
 
 
-# metrics.csv: each column and the record attribute written under it.
+def _attribute(name: str) -> Callable[[BatchRecord], object]:
+    return lambda r: getattr(r, name)
+
+
+# metrics.csv: each column and what a record writes under it.
 CSV_TABLE = (
-    [(name, name) for name in ("batch", "state", "action", "z", "conflicts", "fraud_frac", "pos_weight")]
-    + [(f"{model}_{m}", f"{model}.{m}") for model in ("healed", "served", "shadow", "baseline")
+    [(name, _attribute(name)) for name in ("batch", "state", "action", "z", "conflicts", "fraud_frac", "pos_weight")]
+    + [(f"{model}_{m}", _metric(model, m)) for model in ("healed", "served", "shadow", "baseline")
        for m in ("accuracy", "precision", "recall", "f1")]
-    + [(name, name) for name in ("lift", "prequential_lift", "prequential_f1_lift", "monitor_accuracy",
-                                 "monitor_f1", "version_pre", "version_post", "restored_version")]
+    + [("lift", _attribute("lift")), ("prequential_lift", prequential_lift),
+       ("prequential_f1_lift", prequential_f1_lift)]
+    + [(name, _attribute(name)) for name in ("monitor_accuracy", "monitor_f1", "version_pre", "version_post",
+                                             "restored_version")]
 )
 CSV_COLUMNS = [column for column, _ in CSV_TABLE]
 
 
 def csv_row(r: BatchRecord) -> list[str]:
-    return [csv_cell(_lookup(r, path)) for _, path in CSV_TABLE]
+    return [csv_cell(value(r)) for _, value in CSV_TABLE]
 
 
 def _json_safe(value):
@@ -2163,15 +2187,15 @@ def _json_safe(value):
 RUN_KEY = "run"  # threshold_config.json's record of the run; --thresholds reads past it
 
 
-def threshold_dict(cfg: Config) -> dict:
+def threshold_dict(cfg: MeasurementConfig) -> dict:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata["threshold"]}
 
 
-def write_threshold_config(directory: Path, cfg: Config) -> None:
+def write_threshold_config(directory: Path, cfg: MeasurementConfig) -> None:
     """threshold_config.json: the thresholds an operator tunes (what --thresholds reads back), and
     under "run" where the numbers came from: every setting, the command that reproduces the run,
     and the versions of Python, torch and numpy."""
-    default = Config()
+    default = type(cfg)()
     flags = []
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
@@ -2186,57 +2210,61 @@ def write_threshold_config(directory: Path, cfg: Config) -> None:
     write_atomic(directory / "threshold_config.json", json.dumps(_json_safe(entry), indent=2, allow_nan=False) + "\n")
 
 
-class Exporter:
-    """metrics.csv and events.json, streamed row by row into temporary files (memory stays
-    flat on long streams) and renamed into place only when the run has finished."""
+class Exports:
+    """metrics.csv and events.json, streamed record by record into temporary files (memory stays flat
+    on long streams) and put in place, with threshold_config.json, only when the stream has ended."""
 
-    def __init__(self, directory: Path, cfg: Config):
-        self.dir = Path(directory)
+    def __init__(self, directory: Path, cfg: MeasurementConfig):
+        self.dir, self.cfg, self.n_events = Path(directory), cfg, 0
+
+    def __enter__(self) -> "Exports":
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.cfg = cfg
-        self.files = [AtomicFile(self.dir / "metrics.csv"), AtomicFile(self.dir / "events.json")]
-        self._csv = csv.writer(self.files[0].file, lineterminator="\n")
-        self._csv.writerow(CSV_COLUMNS)
-        self._events = self.files[1].file
-        self._events.write("[")
-        self._n_events = 0
+        with contextlib.ExitStack() as opened:  # discards the first file if the second cannot be opened
+            self.metrics = csv.writer(opened.enter_context(atomic_file(self.dir / "metrics.csv")),
+                                      lineterminator="\n")
+            self.events = opened.enter_context(atomic_file(self.dir / "events.json"))
+            self.files = opened.pop_all()
+        self.metrics.writerow(CSV_COLUMNS)
+        self.events.write("[")
+        return self
 
-    def write_record(self, r: BatchRecord) -> None:
-        self._csv.writerow(csv_row(r))
+    def write(self, r: BatchRecord) -> None:
+        self.metrics.writerow(csv_row(r))
+        for entry in r.events:
+            self.events.write(("," if self.n_events else "") + "\n  " + json.dumps(_json_safe(entry), allow_nan=False))
+            self.n_events += 1
 
-    def write_event(self, entry: dict) -> None:
-        self._events.write(("," if self._n_events else "") + "\n  " + json.dumps(_json_safe(entry), allow_nan=False))
-        self._n_events += 1
-
-    def finish(self) -> None:
-        self._events.write("\n]\n")
-        for f in self.files:
-            f.commit()
-        write_threshold_config(self.dir, self.cfg)
-
-    def abort(self) -> None:
-        for f in self.files:
-            f.discard()
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.events.write("\n]\n")
+        self.files.__exit__(exc_type, exc, tb)  # renames both into place, or discards both
+        if exc_type is None:
+            write_threshold_config(self.dir, self.cfg)
 
 
-def attach_outputs(log: StreamLog, cfg: Config, console: Callable[[str], None],
-                   export_dir: Optional[Path]) -> Optional["Exporter"]:
-    """Connect the console table and (when export_dir is given) the exporter to the stream's log."""
-    exporter = Exporter(export_dir, cfg) if export_dir is not None else None
-    if exporter:
-        log.record_listeners.append(exporter.write_record)
-        log.event_listeners.append(exporter.write_event)
-    if not cfg.quiet:
-        log.record_listeners.append(lambda r: console(batch_line(r)))
+def serve_and_write(run: Run, console: Callable[[str], None], export_dir: Optional[Path]) -> Run:
+    """Print the stages so far, then serve every batch of the run: print its line (unless --quiet)
+    and write its row and events (when export_dir is given)."""
+    for line in pipeline_lines(run):
+        console(line)
+    if not run.cfg.quiet:
         console(batch_header())
-    return exporter
+    with Exports(export_dir, run.cfg) if export_dir is not None else contextlib.nullcontext() as exports:
+        for record in run:
+            if exports is not None:
+                exports.write(record)
+            if not run.cfg.quiet:
+                console(batch_line(record))
+    return run
 
 
 def write_csv(path: Path, columns: list[str], rows: list[dict]) -> Path:
     """A small CSV written whole: a header, then each row's values under their columns."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [",".join(columns)] + [",".join(csv_cell(row[c]) for c in columns) for row in rows]
-    write_atomic(path, "\n".join(lines) + "\n")
+    with atomic_file(path) as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([csv_cell(row[c]) for c in columns] for row in rows)
     return path
 
 
@@ -2272,25 +2300,19 @@ def _detection_note(rows: list[BenchRow], scenario: str) -> str:
             + (f" (in {len(seen)} of {len(delays)} seeds)" if len(seen) < len(delays) else ""))
 
 
-def bench_report(rows: list[BenchRow], cfg: Config) -> list[str]:
+def bench_report(rows: list[BenchRow], cfg: MeasurementConfig) -> list[str]:
     """One table: per scenario, every method's means over the seeds with their 95% intervals, then the ceiling."""
     spreads, seeds = bench_spread(rows), sorted({r.seed for r in rows})
     table = []
     for scenario in [s for s in SCENARIOS if (s, "none") in spreads]:
         first = next(r for r in rows if r.scenario == scenario)
         table.append([f"{scenario}: {SCENARIO_STORIES[scenario]}{_detection_note(rows, scenario)}"])
-        for method in [m for m in BENCH_METHODS if (scenario, m) in spreads]:
+        for method in [m for m in HEAL_METHODS if (scenario, m) in spreads]:
             s = spreads[(scenario, method)]
             table.append(["  " + method] + [_mean_pm(s[name], spec) for _, name, spec in BENCH_COLUMNS])
         table.append(["  Bayes ceiling", f"{first.bayes_accuracy:.3f}", "-", f"{first.bayes_auc:.3f}",
                       f"{first.bayes_cost:,.0f}", "-", "+1.00", "-"])
     header = ["scenario / method"] + [title for title, _, _ in BENCH_COLUMNS]
-    widths = [max(len(r[k]) for r in [header] + table if len(r) > 1) for k in range(len(header))]
-
-    def line(cells):
-        if len(cells) == 1:
-            return cells[0]
-        return "  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(cells, widths))).rstrip()
     seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}..{seeds[-1]}"
     return ["", f"Scenario bench: {len(rows)} cells, {seed_text}, {cfg.n_batches} batches of "
                 f"{cfg.batch_size} rows; prequential (each batch predicted before any adaptation on it);",
@@ -2300,7 +2322,7 @@ def bench_report(rows: list[BenchRow], cfg: Config) -> list[str]:
             f"flagging P(fraud) > {cost_threshold(cfg):.3f} = fp/(fp+fn) (rethreshold: its learned threshold);",
             f"gap closed = (cost of none - cost) / (cost of none - Bayes cost), costs averaged over the seeds; "
             f"'-' where none is within {100 * MIN_GAP:.0f}% of the Bayes cost.",
-            line(header), line(["-" * w for w in widths]), *[line(r) for r in table]]
+            *text_table(header, table, "<" + ">" * len(BENCH_COLUMNS))]
 
 
 def write_bench_csv(rows: list[BenchRow], directory: Path) -> Path:
@@ -2308,17 +2330,21 @@ def write_bench_csv(rows: list[BenchRow], directory: Path) -> Path:
                      [dataclasses.asdict(r) for r in rows])
 
 
-def bench_fingerprint(cfg: Config) -> dict:
+def bench_fingerprint(cfg: MeasurementConfig) -> dict:
     """The settings a bench cell's numbers depend on: a merge accepts only cells made with these."""
     varied_by_the_bench = {"scenario", "heal_method", "supervision", "async_apply"}
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
             if f.metadata["role"] != "run" and f.name not in varied_by_the_bench}
 
 
-def write_cell(directory: Path, cell: BenchCell, row: BenchRow, cfg: Config) -> None:
+def write_cell(directory: Path, cell: BenchCell, row: BenchRow, cfg: MeasurementConfig) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     entry = {"cell": cell.index, "config": bench_fingerprint(cfg), "row": dataclasses.asdict(row)}
     write_atomic(directory / f"{cell.name}.json", json.dumps(_json_safe(entry), allow_nan=False) + "\n")
+
+
+class ConfigError(ValueError):
+    """A user mistake (flags, a threshold file, bench cell files): reported in one line, exit status 2."""
 
 
 MAX_INPUT_BYTES = 1 << 20  # a threshold file or a bench cell is a few hundred bytes
@@ -2359,7 +2385,7 @@ def read_json_file(path, what: str):
         raise ConfigError(f"{what} {path} is nested too deeply") from None
 
 
-def read_cells(directory: Path, cells: list[BenchCell], cfg: Config) -> list[BenchRow]:
+def read_cells(directory: Path, cells: list[BenchCell], cfg: MeasurementConfig) -> list[BenchRow]:
     """Every cell's row, from the shards' files; ConfigError names what is missing or foreign."""
     missing = [c.name for c in cells if not (directory / f"{c.name}.json").is_file()]
     if missing:
@@ -2394,9 +2420,10 @@ COLORS = {"healed": "#1f77b4", "served": "#2ca02c", "shadow": "#7f7f7f", "rollba
 
 
 def _series(records, attr, metric=None):
+    """One value per record: record.attr (or attr(record)), and its .metric when given; NaN where missing."""
     values = []
     for r in records:
-        v = getattr(r, attr)
+        v = attr(r) if callable(attr) else getattr(r, attr)
         if metric is not None:
             v = None if v is None else getattr(v, metric)
         values.append(np.nan if v is None else v)
@@ -2424,19 +2451,26 @@ def _metric_over_batches(ax, records, metric, title):
 
 @dataclass
 class PlotData:
-    """What the plots draw, gathered once from a run."""
-    run: RunResult
+    """What the plots draw, gathered once from a run (plain data: Part V draws half the plots in
+    another process)."""
+    cfg: MeasurementConfig
     evaluation: Evaluation
-    records: list       # batches that were served (quarantined ones are left out)
-    batches: np.ndarray
-    z: np.ndarray
-    rollbacks: list
+    all_records: list  # every batch, quarantined ones too
+    events: list
+    snapshots_saved: int
+    best: Optional[Snapshot]  # the rollback target
+    records: list = None  # batches that were served (quarantined ones are left out)
+
+    def __post_init__(self):
+        self.records = [r for r in self.all_records if r.served is not None]
+        self.batches = np.array([r.batch for r in self.records])
+        self.z = _series(self.records, "z")
+        self.rollbacks = [r for r in self.records if r.restored_version is not None]
 
     @classmethod
-    def of(cls, run: RunResult, evaluation: Evaluation) -> "PlotData":
-        records = [r for r in run.log.records if r.served is not None]
-        return cls(run, evaluation, records, np.array([r.batch for r in records]), _series(records, "z"),
-                   [r for r in records if r.restored_version is not None])
+    def of(cls, run: Run, evaluation: Evaluation) -> "PlotData":
+        return cls(run.cfg, evaluation, run.log.records, run.log.events, run.registry.saved,
+                   run.registry.best_post_heal())
 
 
 def plot_accuracy(plt, d: PlotData):
@@ -2457,7 +2491,7 @@ def plot_lift(plt, d: PlotData):
     width = 0.4
     ax.bar(d.batches - width / 2, _series(d.records, "lift"), width, color=COLORS["healed"],
            label="article's lift (after heal, on the batch it trained on)")
-    ax.bar(d.batches + width / 2, _series(d.records, "prequential_lift"), width, color=COLORS["served"],
+    ax.bar(d.batches + width / 2, _series(d.records, prequential_lift), width, color=COLORS["served"],
            label="prequential lift (model that served the batch)")
     ax.axhline(0, color="black", lw=0.8)
     ax.set(title="Accuracy lift over the frozen shadow", xlabel="stream batch", ylabel="accuracy minus shadow's")
@@ -2467,7 +2501,7 @@ def plot_lift(plt, d: PlotData):
 
 
 def plot_fidi(plt, d: PlotData):
-    threshold = d.run.cfg.fidi_threshold
+    threshold = d.cfg.fidi_threshold
     fig, ax = plt.subplots(figsize=(10, 5.5), layout="constrained")
     ax.plot(d.batches, d.z, "o-", color=COLORS["healed"], label="FIDI z-score of V14")
     ax.axhline(threshold, color=COLORS["threshold"], ls="--", label=f"threshold {threshold:g}")
@@ -2484,11 +2518,12 @@ def plot_states(plt, d: PlotData):
     fig, ax = plt.subplots(figsize=(10, 4), layout="constrained")
     state_colors = {"HEALTHY": "#2ca02c", "DRIFTING": "#ff7f0e", "HEALING": "#1f77b4", "ROLLED_BACK": "#d62728",
                     "QUARANTINED": "#7f7f7f"}
-    for r in d.run.log.records:  # quarantined batches too
-        ax.barh(STATES.index(r.state), 0.9, left=r.batch - 0.45, color=state_colors[r.state])
-    ax.set_yticks(range(len(STATES)), STATES)
+    states = list(state_colors)
+    for r in d.all_records:  # quarantined batches too
+        ax.barh(states.index(r.state), 0.9, left=r.batch - 0.45, color=state_colors[r.state])
+    ax.set_yticks(range(len(states)), states)
     ax.set(title="Engine state per batch", xlabel="stream batch", xlim=(0.4, max(d.batches, default=1) + 0.6),
-           ylim=(-0.6, len(STATES) - 0.4))
+           ylim=(-0.6, len(states) - 0.4))
     ax.grid(alpha=0.3, axis="x")
     return fig
 
@@ -2506,16 +2541,16 @@ def plot_f1(plt, d: PlotData):
 def plot_registry(plt, d: PlotData):
     """Every snapshot by version, with the rollback target."""
     fig, ax = plt.subplots(figsize=(10, 5.5), layout="constrained")
-    heals = [e for e in d.run.log.events if e["type"] == "heal"]
+    heals = [e for e in d.events if e["type"] == "heal"]
     ax.plot([e["version_pre"] for e in heals], [e["f1_before"] for e in heals], "o", color=COLORS["shadow"],
             label="pre-heal snapshot")
     ax.plot([e["version_post"] for e in heals], [e["f1_after"] for e in heals], "o", color=COLORS["healed"],
             label="post-heal snapshot")
-    best = d.run.registry.best_post_heal()
+    best = d.best
     if best is not None:
         ax.plot([best.version], [best.f1], "*", ms=20, color=COLORS["threshold"],
                 label=f"rollback target v{best.version} (batch {best.batch}, F1 {best.f1:.3f})")
-    ax.set(title=f"Registry: {d.run.registry.saved} snapshots by version (F1 on their batch)",
+    ax.set(title=f"Registry: {d.snapshots_saved} snapshots by version (F1 on their batch)",
            xlabel="version (v1 = clean)", ylabel="F1", ylim=(0, 1.02))
     ax.grid(alpha=0.3)
     _legend_below(ax, ncol=3)
@@ -2545,9 +2580,9 @@ def plot_dashboard(plt, d: PlotData):
     _metric_over_batches(axes[0, 0], d.records, "accuracy", "Accuracy")
     _metric_over_batches(axes[0, 1], d.records, "f1", "F1")
     axes[1, 0].plot(d.batches, d.z, "o-", color=COLORS["healed"])
-    axes[1, 0].axhline(d.run.cfg.fidi_threshold, color=COLORS["threshold"], ls="--")
+    axes[1, 0].axhline(d.cfg.fidi_threshold, color=COLORS["threshold"], ls="--")
     axes[1, 0].set(title="FIDI z-score (dashed: threshold)", xlabel="stream batch", ylabel="z")
-    axes[1, 1].bar(d.batches, _series(d.records, "prequential_lift"), color=COLORS["served"])
+    axes[1, 1].bar(d.batches, _series(d.records, prequential_lift), color=COLORS["served"])
     axes[1, 1].axhline(0, color="black", lw=0.8)
     axes[1, 1].set(title="Prequential lift over shadow", xlabel="stream batch", ylabel="accuracy difference")
     for ax in axes.flat:
@@ -2573,7 +2608,7 @@ def pyplot():
 
 
 def save_figure(plt, fig, path: Path) -> Path:
-    with AtomicFile(path, binary=True) as f:
+    with atomic_file(path, binary=True) as f:
         fig.savefig(f, format="png")
     plt.close(fig)
     return path
@@ -2605,13 +2640,13 @@ def plot_bench(rows: list[BenchRow], directory: Path) -> Path:
     plt = pyplot()
     directory.mkdir(parents=True, exist_ok=True)
     spreads = bench_spread(rows)
-    gap = np.array([[spreads[(s, m)]["gap_closed"].mean for m in BENCH_METHODS] for s in SCENARIOS])
+    gap = np.array([[spreads[(s, m)]["gap_closed"].mean for m in HEAL_METHODS] for s in SCENARIOS])
     fig, ax = plt.subplots(figsize=(12, 6), layout="constrained")
     image = ax.imshow(np.clip(gap, -1, 1), cmap="RdYlGn", vmin=-1, vmax=1, aspect="auto")
     for (k, j), value in np.ndenumerate(gap):
         ax.text(j, k, "no gap" if np.isnan(value) else f"{value:+.2f}", ha="center", va="center", fontsize=10,
                 color="#555555" if np.isnan(value) else "black")
-    ax.set_xticks(range(len(BENCH_METHODS)), BENCH_METHODS, rotation=30, ha="right")
+    ax.set_xticks(range(len(HEAL_METHODS)), HEAL_METHODS, rotation=30, ha="right")
     ax.set_yticks(range(len(SCENARIOS)), SCENARIOS)
     ax.set_title("Share of the cost gap to the Bayes ceiling closed (1 = Bayes, 0 = no adaptation; "
                  "colours clipped at -1)")
@@ -2621,155 +2656,122 @@ def plot_bench(rows: list[BenchRow], directory: Path) -> Path:
 
 # Part V. Speed
 #
-# Work that makes the run fast without changing one number: an Adam without torch.optim's
-# import, the baseline trained and half the plots drawn in forked processes, seeds spread
-# over processes. Each piece says what it saves and which test pins it. Uses Parts I to IV.
+# Work spread over processes without changing one number: the baseline trained beside the
+# main model, half the plots drawn beside the other half, the seeds of a sweep and of the
+# bench one process each. All of it through one pool, process_pool. Uses Parts I to IV.
 
-class Adam:
-    """torch.optim.Adam's arithmetic on CPU (its single-tensor path), bit for bit.
-
-    Why not torch.optim.Adam itself: its first use imports torch._dynamo, which
-    costs about 1.5 s, more than this whole experiment's training.
-    Pinned by test_adam_matches_torch_optim_adam_bit_for_bit.
-    """
-
-    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.params = list(params)
-        self.lr, (self.beta1, self.beta2), self.eps = lr, betas, eps
-        self.steps = [0] * len(self.params)
-        self.exp_avg = [torch.zeros_like(p) for p in self.params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        for i, p in enumerate(self.params):
-            if p.grad is None:
-                continue
-            grad, m, v = p.grad, self.exp_avg[i], self.exp_avg_sq[i]
-            self.steps[i] += 1
-            m.lerp_(grad, 1 - self.beta1)
-            v.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
-            bias_correction1 = 1 - self.beta1 ** self.steps[i]
-            bias_correction2 = 1 - self.beta2 ** self.steps[i]
-            denom = (v.sqrt() / bias_correction2 ** 0.5).add_(self.eps)
-            p.addcdiv_(m, denom, value=-(self.lr / bias_correction1))
+def worker_setup() -> None:
+    """Every pool worker: one torch thread, and Ctrl-C ignored (the parent stops its workers)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    use_one_torch_thread()
 
 
-def _send_result(conn, fn: Callable, *args) -> None:
+@contextlib.contextmanager
+def process_pool(workers: int, method: str):
+    """A ProcessPoolExecutor of `workers` processes (fork: they start in milliseconds with everything
+    imported; spawn: fresh interpreters, safe beside threads). If the parent stops early (an error,
+    Ctrl-C) its workers are stopped at once, which the pool alone does not do: it waits for them."""
+    import multiprocessing
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=worker_setup)
     try:
-        conn.send(("ok", fn(*args)))
-    except Exception as e:
-        conn.send(("error", f"{type(e).__name__}: {e}"))
+        yield pool
+    except BaseException:
+        for process in list((pool._processes or {}).values()):  # the pool has no public way to stop a task
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
-class ChildProcess:
-    """fn(*args) in a child process; .result() returns what fn returned. Forked children
-    start in milliseconds with all imports done. Where fork is not safe to use (outside
-    Linux), fn simply runs in this process when .result() is called."""
-
-    def __init__(self, fn: Callable, *args, method: str = "fork", daemon: bool = True):
-        self.fn, self.args, self.process = fn, args, None
-        if method != "fork" or sys.platform == "linux":
-            self.process, self.conn = start_worker(_send_result, fn, *args, method=method, daemon=daemon)
-
-    def result(self):
-        if self.process is None:
-            return self.fn(*self.args)
-        try:
-            status, value = self.conn.recv()
-        except EOFError:  # the child died without a word
-            self.process.join()
-            status, value = "error", f"exit code {self.process.exitcode}"
-        self.process.join()
-        if status != "ok":
-            raise RuntimeError(f"{self.fn.__name__} failed in a child process: {value}")
-        return value
-
-    def stop(self) -> None:
-        """Ask the child to stop (SIGTERM: a forked child cleans up its temporary files), then make it."""
-        if self.process is not None and self.process.is_alive():
-            self.process.terminate()
-            self.process.join(timeout=5)
-            if self.process.is_alive():
-                self.process.kill()
-                self.process.join()
+FORK_IS_SAFE = sys.platform == "linux"  # elsewhere the same work runs in turn, with the same results
 
 
-def _train_to_arrays(model: nn.Module, data: Dataset, cfg: Config, orders: list) -> dict:
+def _train_to_arrays(model: nn.Module, data: Dataset, cfg: ArticleConfig, orders: list) -> dict:
     train(model, data, cfg, orders)
     return to_arrays(model.state_dict())
 
 
-def train_side_by_side(model: nn.Module, baseline: nn.Module, data: Dataset, cfg: Config,
-                       model_orders: list, baseline_orders: list) -> None:
-    """Train the baseline in a forked process while this one trains the main model (saves
-    about 0.45 s of 0.9). Pinned by test_end_to_end_cli_writes_plots_and_exports, which runs
-    this path and checks the article's counts, trained in one process by the other tests."""
-    trained_baseline = ChildProcess(_train_to_arrays, baseline, data, cfg, baseline_orders)
-    train(model, data, cfg, model_orders)
-    baseline.load_state_dict(from_arrays(trained_baseline.result()))
+def train_side_by_side(model, baseline, data: Dataset, cfg: ArticleConfig, model_orders, baseline_orders) -> None:
+    """Part I's train_in_turn, with the baseline trained in a forked process while this one trains
+    the main model (saves about 0.45 s of 0.9)."""
+    if not FORK_IS_SAFE:
+        return train_in_turn(model, baseline, data, cfg, model_orders, baseline_orders)
+    with process_pool(1, "fork") as pool:
+        trained_baseline = pool.submit(_train_to_arrays, baseline, data, cfg, baseline_orders)
+        train(model, data, cfg, model_orders)
+        baseline.load_state_dict(from_arrays(trained_baseline.result()))
 
 
-def make_plots(run: RunResult, evaluation: Evaluation, directory: Path) -> list[Path]:
-    """The eight plots, half of them drawn in a forked process at the same time (saves about 0.5 s;
-    the CLI test checks that all eight are written)."""
+def make_plots(run: Run, evaluation: Evaluation, directory: Path) -> list[Path]:
+    """The eight plots, half of them drawn in a forked process at the same time (saves about 0.5 s)."""
     directory.mkdir(parents=True, exist_ok=True)
-    pyplot()  # imported before the fork, so that the child has it too
     data, names = PlotData.of(run, evaluation), list(PLOTS)
-    other_half = ChildProcess(draw_plots, data, directory, names[1::2])
-    try:
+    if not FORK_IS_SAFE:
+        return draw_plots(data, directory, names)
+    pyplot()  # imported before the fork, so that the child has it too
+    with process_pool(1, "fork") as pool:
+        other_half = pool.submit(draw_plots, data, directory, names[1::2])
         return draw_plots(data, directory, names[0::2]) + other_half.result()
-    finally:
-        other_half.stop()  # a no-op once it has finished
-
-
-def _apply_each(fn: Callable, items: list) -> list:
-    return [fn(x) for x in items]
 
 
 def map_in_processes(fn: Callable, items: list, workers: int) -> list:
-    """[fn(x) for x in items], spread over `workers` fresh processes, in order. The processes
-    are not daemons, so that fn may start processes of its own (a heal worker).
-    Pinned by test_seed_sweep_writes_csv_and_prints_intervals (the same figures as one run)."""
+    """[fn(x) for x in items], spread over `workers` fresh processes, in order."""
     if workers <= 1 or len(items) <= 1:
-        return _apply_each(fn, items)
-    chunks = [items[k::workers] for k in range(min(workers, len(items)))]
-    children = [ChildProcess(_apply_each, fn, chunk, method="spawn", daemon=False) for chunk in chunks]
-    try:
-        results = [child.result() for child in children]
-    finally:
-        for child in children:
-            child.stop()
-    ordered = [None] * len(items)
-    for k, chunk_results in enumerate(results):
-        ordered[k::len(chunks)] = chunk_results
-    return ordered
+        return [fn(x) for x in items]
+    with process_pool(workers, "spawn") as pool:
+        return list(pool.map(fn, items))
 
 
 def _run_cells(job: tuple) -> list:
     return run_bench_cells(*job)
 
 
-def run_bench_in_processes(cfg: Config, cells: list[BenchCell], workers: int) -> list[BenchRow]:
-    """The bench's cells, one process per seed at a time (each trains its seed's models once).
-    Pinned by test_sharded_bench_merges_to_the_unsharded_csv (same bytes, run in one process)."""
+def run_bench_in_processes(cfg: MeasurementConfig, cells: list[BenchCell], workers: int) -> list[BenchRow]:
+    """The bench's cells, one process per seed at a time (each trains its seed's models once)."""
     seeds = sorted({c.seed for c in cells})
     per_seed = map_in_processes(_run_cells, [(cfg, [c for c in cells if c.seed == s]) for s in seeds], workers)
     return sorted((row for rows in per_seed for row in rows),
-                  key=lambda r: (r.seed, SCENARIOS.index(r.scenario), BENCH_METHODS.index(r.method)))
+                  key=lambda r: (r.seed, SCENARIOS.index(r.scenario), HEAL_METHODS.index(r.method)))
 
 
 # Part VI. The command line
 #
-# Flags to a validated Config (each field's rule lives with the field in Part I), the
-# threshold file, and main, which runs one seed or a sweep and writes the outputs.
-# Uses everything above.
+# The run's own knobs, flags to a validated Config (each field's rule lives with its field),
+# the threshold file, and main, which runs the article, a sweep, a scenario or the bench and
+# writes the outputs. Uses everything above.
 
 ARTICLE_RUN = ("article", "heal")  # (scenario, heal method) of the article's own run
+BENCH_SEEDS = 5  # seeds of a --bench run when --seeds is not given
+SEED_MAX = 2 ** 32 - 1  # numpy's RandomState takes seeds up to this
+
+
+def parse_shard(text: str) -> Optional[tuple[int, int]]:
+    """'K/N' -> (K, N) when 0 <= K < N, else None."""
+    match = re.fullmatch(r"(\d{1,6})/(\d{1,6})", text, flags=re.ASCII)
+    k, n = (int(match[1]), int(match[2])) if match else (0, 0)
+    return (k, n) if k < n else None
+
+
+@dataclass(frozen=True)
+class Config(MeasurementConfig):
+    """The run: where its output goes, what it prints, how many seeds, the bench and its shards."""
+    out: str = knob(".", "directory that receives plots/ and monitoring_export/", role="run")
+    no_plots: bool = knob(False, "skip the plots", role="run")
+    quiet: bool = knob(False, "do not print the per-batch table", role="run")
+    seeds: int = knob(1, f"run this many seeds (seed, seed+1, ...) and print their spread ({BENCH_SEEDS} with "
+                      "--bench unless given)", "[1, 10000]", role="run")
+    bench: bool = knob(False, "run every scenario against every method over --seeds and print when "
+                       "self-healing helps", role="run")
+    shard: str = knob("", "with --bench, run only shard K of N (K/N): one file per cell, merged by --merge",
+                      (lambda v: v == "" or parse_shard(v) is not None, "K/N with 0 <= K < N"), role="run")
+    merge: bool = knob(False, "with --bench, collect the cell files of all shards into the table, CSV and plot",
+                       role="run")
+
+
+def sweep_configs(cfg: Config) -> list[Config]:
+    """One config per seed of the sweep: seed, seed+1, ..., each a quiet single run."""
+    return [dataclasses.replace(cfg, seed=cfg.seed + k, seeds=1, quiet=True, no_plots=True)
+            for k in range(cfg.seeds)]
 
 
 def run_kind(cfg: Config) -> str:
@@ -2803,17 +2805,34 @@ def available_memory() -> Optional[float]:
         return None
 
 
+INTERVAL = re.compile(r"([\[(])(-?[\d.e+]+|-inf), (-?[\d.e+]+|inf)([\])])")
+
+
+def follows(rule, value) -> bool:
+    """Whether value passes a field's rule: an interval such as "[1, 1000]" or "(0, 1]", or a
+    (test, words) pair."""
+    if not isinstance(rule, str):
+        return rule[0](value)
+    opening, low, high, closing = INTERVAL.fullmatch(rule).groups()
+    low, high = float(low), float(high)
+    return (low <= value if opening == "[" else low < value) and (value <= high if closing == "]" else value < high)
+
+
+def rule_words(rule) -> str:
+    return f"in {rule}" if isinstance(rule, str) else rule[1]
+
+
 def validate(cfg: Config) -> Config:
     """Return cfg unchanged or raise ConfigError naming the first bad value."""
     def fail(name: str, rule: str):
         raise ConfigError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(cfg, name)!r}")
 
     for f in dataclasses.fields(cfg):
-        value, check, choices = getattr(cfg, f.name), f.metadata["check"], f.metadata["choices"]
+        value, rule, choices = getattr(cfg, f.name), f.metadata["rule"], f.metadata["choices"]
         if isinstance(value, float) and not math.isfinite(value):
             fail(f.name, "a finite number")
-        if check is not None and not check.ok(value):
-            fail(f.name, check.words)
+        if rule is not None and not follows(rule, value):
+            fail(f.name, rule_words(rule))
         if choices is not None and value not in choices:
             fail(f.name, f"one of {', '.join(choices)}")
     for name in ("n_train", "n_test", "n_drift"):
@@ -2827,6 +2846,11 @@ def validate(cfg: Config) -> Config:
     if not cfg.bench and cfg.seeds > 1 and (cfg.scenario, cfg.heal_method) != ARTICLE_RUN:
         raise ConfigError("--seeds sweeps the article's run; for several seeds of --scenario or --heal-method, "
                           "use --bench")
+    if cfg.bench and (cfg.async_apply or cfg.supervision != "labels"):
+        raise ConfigError("--bench runs the heal with labels (heal) and with the rule (heal-rules), waiting for "
+                          "each heal so that it reproduces: drop --async-apply and --supervision")
+    if cfg.async_apply and cfg.heal_worker == "inline":
+        raise ConfigError("--async-apply needs a heal that runs beside the stream: --heal-worker thread or process")
     if cfg.seed + cfg.seeds - 1 > SEED_MAX:
         raise ConfigError(f"--seed {cfg.seed} with --seeds {cfg.seeds} runs past the largest seed, {SEED_MAX:,}")
     needed, available = memory_estimate(cfg), available_memory()
@@ -2873,24 +2897,39 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+CONFIG_GROUPS = (ArticleConfig, EngineConfig, MeasurementConfig, Config)  # --help's groups, in this order
+
+
+def flag_help(f: dataclasses.Field) -> str:
+    """A field's help with its default and its rule, as --help and the README show them."""
+    default = "none" if f.default == "" else f.default
+    rule = f"; {rule_words(f.metadata['rule'])}" if f.metadata["rule"] is not None else ""
+    return f"{f.metadata['help']} (default: {default}{rule})"
+
+
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    """One flag per Config field. With suppress_defaults the parse holds only flags given."""
+    """One flag per Config field, grouped by the class that declares it. With suppress_defaults the
+    parse holds only flags given."""
     parser = _Parser(prog="self_healing_production_final.py",
                      description="Self-healing neural network under data drift: the article's experiment, "
                                  "reproduced and measured honestly.",
                      argument_default=argparse.SUPPRESS if suppress_defaults else None)
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default})"
-        default = {} if suppress_defaults else {"default": f.default}
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=help_text, **default)
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type]
-            parser.add_argument(flag, type=kind, metavar=f.name.upper(), choices=f.metadata["choices"],
-                                help=help_text, **default)
-    parser.add_argument("--thresholds", metavar="FILE", help="read thresholds from a threshold_config.json; "
-                        "flags given explicitly win over the file")
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for group_class in CONFIG_GROUPS:
+        group = parser.add_argument_group(group_class.__doc__)
+        for name in group_class.__annotations__:
+            f = fields[name]
+            default = {} if suppress_defaults else {"default": f.default}
+            if f.type == "bool":
+                group.add_argument("--" + name.replace("_", "-"), action="store_true", help=flag_help(f), **default)
+            else:
+                kind = {"int": int, "float": float, "str": str}[f.type]
+                group.add_argument("--" + name.replace("_", "-"), type=kind, choices=f.metadata["choices"],
+                                   metavar=None if f.metadata["choices"] else name.upper(), help=flag_help(f),
+                                   **default)
+        if group_class is Config:
+            group.add_argument("--thresholds", metavar="FILE", help="read thresholds from a threshold_config.json; "
+                               "flags given explicitly win over the file")
     return parser
 
 
@@ -2906,11 +2945,11 @@ def parse_config(argv: list[str]) -> Config:
     return validate(Config(**args))
 
 
-def run_and_report(cfg: Config, out: Path, console: Callable[[str], None]) -> int:
-    """One seed: train, stream, evaluate, print the report, write exports and plots."""
+def run_article(cfg: Config, out: Path, console: Callable[[str], None]) -> int:
+    """One seed: train, stream (printing and exporting each batch), evaluate, report, plot."""
     start = time.perf_counter()
-    run = run_experiment(cfg, trained=train_models(cfg, parallel=True), console=console,
-                         export_dir=out / "monitoring_export", keep_records=not cfg.no_plots)
+    run = Run(cfg, train_models(cfg, train_side_by_side), keep_records=not cfg.no_plots)
+    serve_and_write(run, console, out / "monitoring_export")
     evaluation = evaluate_run(run)
     for line in report(run, evaluation):
         console(line)
@@ -2940,7 +2979,7 @@ def run_seed_sweep(cfg: Config, console: Callable[[str], None] = print, workers:
 
 def run_scenario(cfg: Config, console: Callable[[str], None]) -> int:
     """One seed of one scenario served by one method, beside no adaptation and the Bayes ceiling."""
-    trained = train_models(cfg, parallel=True)
+    trained = train_models(cfg, train_side_by_side)
     ceiling = scenario_ceiling(cfg.scenario, cfg)
     methods = dict.fromkeys([cfg.heal_method, "none"])  # the method, then no adaptation beside it
     rows = [bench_cell(cfg.scenario, method, trained, cfg, ceiling) for method in methods]
@@ -2953,7 +2992,7 @@ def run_scenario(cfg: Config, console: Callable[[str], None]) -> int:
 def run_bench(cfg: Config, out: Path, console: Callable[[str], None], merged: list = None) -> int:
     """Every scenario x method x seed; or one shard of the cells; or, given the merged rows of all
     shards' cells, their table, CSV and plot."""
-    cells, cell_dir = bench_cells(cfg), out / "bench_cells"
+    cells, cell_dir = bench_cells(cfg.seed, cfg.seeds), out / "bench_cells"
     if cfg.shard:
         k, n = parse_shard(cfg.shard)
         mine = [c for c in cells if c.index % n == k]
@@ -2967,7 +3006,7 @@ def run_bench(cfg: Config, out: Path, console: Callable[[str], None], merged: li
         rows = merged
     else:
         workers = min(cfg.seeds, os.cpu_count() or 1)
-        console(f"Running {len(cells)} cells ({len(SCENARIOS)} scenarios x {len(BENCH_METHODS)} methods x "
+        console(f"Running {len(cells)} cells ({len(SCENARIOS)} scenarios x {len(HEAL_METHODS)} methods x "
                 f"{cfg.seeds} seeds) in {workers} processes.")
         rows = run_bench_in_processes(cfg, cells, workers)
     for line in bench_report(rows, cfg):
@@ -3020,7 +3059,8 @@ def claim_out(cfg: Config) -> Optional[int]:
             for file in files:
                 if (out / name / file).is_dir():
                     raise ConfigError(f"cannot write to --out {cfg.out}: {out / name / file} is a folder")
-            AtomicFile(out / name / "probe").discard()  # a file can be created there, and removed
+            with tempfile.NamedTemporaryFile(dir=out / name, prefix=".probe.", suffix=".tmp"):
+                pass  # a file can be created there (and it is removed)
         return fd
     except (ConfigError, OSError) as e:
         if fd is not None:
@@ -3057,7 +3097,8 @@ def main(argv: list[str] = None) -> int:
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
         # a merge checks every cell before it creates anything
-        merged = read_cells(Path(cfg.out) / "bench_cells", bench_cells(cfg), cfg) if cfg.merge else None
+        cells = bench_cells(cfg.seed, cfg.seeds)
+        merged = read_cells(Path(cfg.out) / "bench_cells", cells, cfg) if cfg.merge else None
         lock = claim_out(cfg)
     except ConfigError as e:
         error_line(str(e))
@@ -3076,7 +3117,7 @@ def main(argv: list[str] = None) -> int:
         elif kind == "scenario":
             code = run_scenario(cfg, console)
         else:
-            code = run_and_report(cfg, out, console)
+            code = run_article(cfg, out, console)
     except ConfigError as e:
         error_line(str(e))
         return 2

@@ -81,7 +81,7 @@ def _predictions(monkeypatch, scenario, method, trained, cfg, scramble=False):
     return [out for kind, _, out in log if kind == "predict"]
 
 
-@pytest.mark.parametrize("method", shp.BENCH_METHODS)
+@pytest.mark.parametrize("method", shp.HEAL_METHODS)
 def test_every_method_predicts_each_batch_before_adapting_on_it(method, small_trained, monkeypatch):
     cfg = shp.bench_config(shp.Config(**SMALL))
     predictions = _predictions(monkeypatch, "offset", method, small_trained, cfg)
@@ -167,7 +167,7 @@ def test_sharded_bench_merges_to_the_unsharded_csv(tmp_path, monkeypatch, capsys
     assert shp.main(_bench_args(shards, "--merge")) == 0
     whole = (tmp_path / "whole" / "monitoring_export" / "bench.csv").read_bytes()
     assert (shards / "monitoring_export" / "bench.csv").read_bytes() == whole
-    assert len(whole.splitlines()) == 1 + 2 * len(shp.SCENARIOS) * len(shp.BENCH_METHODS)
+    assert len(whole.splitlines()) == 1 + 2 * len(shp.SCENARIOS) * len(shp.HEAL_METHODS)
     assert not list(shards.rglob("*.tmp")), "no temporary file survives"
 
 
@@ -179,8 +179,8 @@ def test_merge_refuses_cells_made_with_other_flags(tmp_path, capsys):
 
 
 def test_bench_cells_are_numbered_seed_scenario_method():
-    cells = shp.bench_cells(dataclasses.replace(shp.Config(), seeds=2))
-    assert [c.index for c in cells] == list(range(2 * len(shp.SCENARIOS) * len(shp.BENCH_METHODS)))
+    cells = shp.bench_cells(42, 2)
+    assert [c.index for c in cells] == list(range(2 * len(shp.SCENARIOS) * len(shp.HEAL_METHODS)))
     assert (cells[0].seed, cells[0].scenario, cells[0].method) == (42, "article", "none")
     assert cells[-1].seed == 43 and len({c.name for c in cells}) == len(cells)
 

@@ -126,8 +126,22 @@ def test_every_readme_flag_is_a_parser_flag_with_its_default_and_no_other():
     assert sorted(parsed) == sorted(readme), set(parsed) ^ set(readme)
     for flag, default in parsed.items():
         assert readme[flag] == ("none" if default in (None, "") else str(default)), flag
-    help_text = parser.format_help()
-    assert "(default: 2.2)" in help_text and "(default: 0.08)" in help_text
+    help_text = " ".join(parser.format_help().split())
+    assert "(default: 2.2; in [-20, 20])" in help_text and "(default: 0.08; in [0, inf))" in help_text
+
+
+def test_help_shows_the_flags_in_their_groups():
+    """Each group of --help is one part's configuration class, titled by its docstring, and holds
+    exactly the flags that class declares."""
+    parser = shp.build_parser()
+    groups = {g.title: [a.dest for a in g._group_actions] for g in parser._action_groups if g.title in
+              {c.__doc__ for c in shp.CONFIG_GROUPS}}
+    assert len(groups) == len(shp.CONFIG_GROUPS) >= 4
+    for config_class in shp.CONFIG_GROUPS:
+        declared = list(config_class.__annotations__) + (["thresholds"] if config_class is shp.Config else [])
+        assert groups[config_class.__doc__] == declared
+    assert "drift_strength" in groups[shp.ArticleConfig.__doc__] and "heal_worker" in groups[shp.EngineConfig.__doc__]
+    assert "scenario" in groups[shp.MeasurementConfig.__doc__] and "out" in groups[shp.Config.__doc__]
 
 
 def test_flags_reach_the_config():

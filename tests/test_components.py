@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import shp, quiet
+from conftest import shp, quiet, stream
 
 
 def test_fidi_needs_three_means_then_uses_the_window():
@@ -85,7 +85,7 @@ def test_health_monitor_degradation_rule_and_restart():
 
 def test_only_reflexive_layer_changes_in_a_stream(default_trained):
     before = {k: v.clone() for k, v in default_trained.model.state_dict().items()}
-    result = shp.run_experiment(quiet(n_batches=8), trained=default_trained, console=print)
+    result = stream(quiet(n_batches=8), trained=default_trained, console=print)
     after = result.model.state_dict()
     for name, value in before.items():
         if name.startswith("reflexive."):

@@ -68,10 +68,10 @@ def test_two_runs_into_one_out_one_completes_the_other_is_refused(tmp_path):
 
 
 def test_temporary_names_never_collide(tmp_path):
-    a, b = shp.AtomicFile(tmp_path / "metrics.csv"), shp.AtomicFile(tmp_path / "metrics.csv")
-    assert a.tmp != b.tmp
-    a.discard()
-    b.discard()
+    with pytest.raises(KeyboardInterrupt):
+        with shp.atomic_file(tmp_path / "metrics.csv") as a, shp.atomic_file(tmp_path / "metrics.csv") as b:
+            assert a.name != b.name and shp.TEMPORARY_NAME.fullmatch(os.path.basename(a.name))
+            raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
 
 
@@ -158,14 +158,14 @@ def test_a_full_disk_mid_stream_is_one_line_exit_1_and_leaves_earlier_exports(tm
     assert shp.main(TINY) == 0
     before = {p.name: p.read_bytes() for p in (tmp_path / "monitoring_export").iterdir()}
     written = []
-    real = shp.Exporter.write_record
+    real = shp.Exports.write
 
     def fills_the_disk(self, record):
         if len(written) == 2:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "metrics.csv")
         written.append(record)
         real(self, record)
-    monkeypatch.setattr(shp.Exporter, "write_record", fills_the_disk)
+    monkeypatch.setattr(shp.Exports, "write", fills_the_disk)
     capsys.readouterr()
     assert shp.main(TINY + ["--seed", "7"]) == 1
     assert "No space left on device" in _one_error_line(capsys.readouterr().err)
@@ -173,21 +173,16 @@ def test_a_full_disk_mid_stream_is_one_line_exit_1_and_leaves_earlier_exports(tm
     assert _temporaries(tmp_path) == []
 
 
-class FullDiskFile:
-    """A file whose last flush, on close, finds the disk full."""
-
-    def __init__(self, real):
-        self.real = real
-
-    def close(self):
-        self.real.close()
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
 def test_a_discarded_file_goes_even_when_its_last_flush_fails(tmp_path):
-    f = shp.AtomicFile(tmp_path / "x.csv")
-    f.file = FullDiskFile(f.file)
-    f.discard()
+    with pytest.raises(KeyboardInterrupt):
+        with shp.atomic_file(tmp_path / "x.csv") as f:
+            real_close = f.close
+
+            def close_on_a_full_disk():
+                real_close()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            f.close = close_on_a_full_disk
+            raise KeyboardInterrupt  # the run stops: the file is discarded, and its close fails
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,4 +1,5 @@
 """The heal engine: healing never blocks or corrupts inference, faults are contained, memory is bounded."""
+import csv
 import json
 import threading
 import time
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMALL, shp, quiet
+from conftest import SMALL, shp, quiet, stream
 
 
 def _finite(model):
@@ -23,9 +24,9 @@ def test_predictions_never_mix_two_published_versions(kind, small_trained):
     """8 threads predict while 1,000 heals publish: each output is exactly one version's."""
     cfg = quiet(SMALL, heal_steps=1, heal_lr=0.05)
     model = shp.copy.deepcopy(small_trained.model)
-    healer = shp.HEALERS[kind](model, cfg)
+    heals = {"thread": shp.ThreadHeals, "process": shp.ProcessHeals}[kind](model, cfg)
     X = small_trained.data.drift.X[:64]
-    batch = shp.HealBatch(X, small_trained.data.drift.y[:64], shp.rule_labels(X, cfg))
+    job = shp.HealJob(1, shp.HealBatch(X, small_trained.data.drift.y[:64], shp.rule_labels(X, cfg)), 2.0, None)
     published = {shp.predict_proba(model, X).tobytes()}
     seen, errors, done = [set() for _ in range(8)], [], threading.Event()
 
@@ -42,14 +43,14 @@ def test_predictions_never_mix_two_published_versions(kind, small_trained):
         t.start()
     try:
         for _ in range(1000):
-            healer.submit(batch, 2.0)
-            model.reflexive = healer.result(timeout=60).layer
+            heals.start(job)
+            model.reflexive = heals.result(timeout=60).layer
             published.add(shp.predict_proba(model, X).tobytes())
     finally:
         done.set()
         for t in threads:
             t.join()
-        healer.close()
+        heals.close()
     assert not errors
     observed = set().union(*seen)
     assert len(published) > 900, "the heals did change the weights"
@@ -63,7 +64,7 @@ def _run_with(trained, tmp_path, batches=None, **overrides):
     """One stream with the fault in place; it must finish, and within 10 seconds."""
     cfg = quiet(SMALL, **overrides)
     start = time.monotonic()
-    result = shp.run_experiment(cfg, trained=trained, batches=batches, console=print, export_dir=tmp_path)
+    result = stream(cfg, trained=trained, batches=batches, console=print, export_dir=tmp_path)
     assert time.monotonic() - start < 10
     return result
 
@@ -139,7 +140,7 @@ def test_a_hung_heal_times_out(small_trained, tmp_path, monkeypatch):
 
 def test_async_apply_publishes_each_heal_at_the_next_batch_boundary(small_trained, tmp_path):
     """Batches arrive 0.2 s apart, far longer than a heal takes: each heal, started at its batch
-    without waiting, is published when the next batch arrives, and the last one at the end."""
+    without waiting, is published when the next batch arrives; the last one would serve no batch."""
     cfg = quiet(SMALL)
 
     def paced():
@@ -154,7 +155,10 @@ def test_async_apply_publishes_each_heal_at_the_next_batch_boundary(small_traine
     assert all(r.healed is None and r.lift is None for r in records)
     heals = [e for e in _events(tmp_path) if e["type"] == "heal"]
     n = len(records)
-    assert [(e["batch"], e["applied_at_batch"]) for e in heals] == [(b, min(b + 1, n)) for b in range(1, n + 1)]
+    assert [(e["batch"], e["applied_at_batch"]) for e in heals] == [(b, b + 1) for b in range(1, n)]
+    # and every heal published reaches metrics.csv on the batch where it was applied
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))
+    assert [int(r["version_post"]) for r in rows[1:]] == [e["version_post"] for e in heals]
 
 
 def test_a_failed_run_leaves_no_half_written_export(small_trained, tmp_path):
@@ -165,14 +169,14 @@ def test_a_failed_run_leaves_no_half_written_export(small_trained, tmp_path):
         yield from list(shp.drifted_batches(small_trained.data.drift, cfg, np.random.RandomState(1)))[:3]
         raise KeyboardInterrupt  # the run is killed mid-stream
     with pytest.raises(KeyboardInterrupt):
-        shp.run_experiment(cfg, trained=small_trained, batches=batches(), console=print, export_dir=tmp_path)
+        stream(cfg, trained=small_trained, batches=batches(), console=print, export_dir=tmp_path)
     assert (tmp_path / "metrics.csv").read_text() == "previous run\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]
 
 
 def test_long_stream_keeps_no_history_when_plots_are_off(small_trained):
     cfg = quiet(SMALL, n_batches=300, keep_best=3, keep_last=4)
-    result = shp.run_experiment(cfg, trained=small_trained, console=print, keep_records=False)
+    result = stream(cfg, trained=small_trained, console=print, keep_records=False)
     assert result.log.records == [] and result.log.events == []
     assert result.registry.saved > 300 and len(result.registry.snapshots) <= 1 + 3 + 4
 
@@ -182,6 +186,6 @@ def test_process_worker_gives_the_same_run_as_the_thread(default_trained, tmp_pa
     results = {}
     for kind in ("thread", "process"):
         cfg = quiet(heal_worker=kind, rollback_f1_drop=0.03)
-        results[kind] = shp.run_experiment(cfg, trained=default_trained, console=print, export_dir=tmp_path / kind)
+        results[kind] = stream(cfg, trained=default_trained, console=print, export_dir=tmp_path / kind)
     assert results["process"].log.counts["rollback"] == 1
     assert (tmp_path / "thread" / "metrics.csv").read_bytes() == (tmp_path / "process" / "metrics.csv").read_bytes()

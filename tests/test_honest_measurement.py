@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import SMALL, shp, quiet
+from conftest import SMALL, shp, quiet, stream
 
 
 def brute_force_auc(y, s):
@@ -84,10 +84,10 @@ def test_default_run_prints_the_honest_rows(default_run):
 
 
 def test_holdout_is_fresh_and_leaves_the_article_draws_alone(default_trained):
-    data = default_trained.data
-    assert not np.array_equal(data.holdout.X, data.drift.X)
+    data, holdout = default_trained.data, shp.holdout_set(shp.Config())
+    assert not np.array_equal(holdout.X, data.drift.X)
     again, _ = shp.make_data(shp.Config())
-    assert np.array_equal(again.holdout.X, data.holdout.X)
+    assert all(np.array_equal(getattr(again, s).X, getattr(data, s).X) for s in ("train", "test", "drift"))
 
 
 def _stream_batches(trained, cfg):
@@ -99,7 +99,7 @@ def test_prequential_metrics_use_pre_heal_predictions(default_trained):
     post-heal snapshot) and check that the served metrics are its metrics."""
     cfg = quiet(n_batches=8, keep_best=100, keep_last=100)
     batches = _stream_batches(default_trained, cfg)
-    result = shp.run_experiment(cfg, trained=default_trained, batches=batches, console=print)
+    result = stream(cfg, trained=default_trained, batches=batches, console=print)
     model = shp.copy.deepcopy(default_trained.model)
     previous_version = 1
     for record, (X, y) in zip(result.log.records, batches):
@@ -123,16 +123,16 @@ def test_rules_mode_reads_no_true_label(default_trained):
     cfg = quiet(supervision="rules", n_batches=10, rollback_f1_drop=0.0)
     batches = _stream_batches(default_trained, cfg)
     scrambled = [(X, 1 - y) for X, y in batches]
-    a = shp.run_experiment(cfg, trained=default_trained, batches=batches, console=print)
-    b = shp.run_experiment(cfg, trained=default_trained, batches=scrambled, console=print)
+    a = stream(cfg, trained=default_trained, batches=batches, console=print)
+    b = stream(cfg, trained=default_trained, batches=scrambled, console=print)
     assert _decisions(a) == _decisions(b)
     assert a.log.counts["heal"] > 0
     wa, wb = a.model.reflexive.state_dict(), b.model.reflexive.state_dict()
     assert all(wa[k].equal(wb[k]) for k in wa)
     # ...whereas labels mode does read them
     labelled = quiet(n_batches=10)
-    c = shp.run_experiment(labelled, trained=default_trained, batches=batches, console=print)
-    d = shp.run_experiment(labelled, trained=default_trained, batches=scrambled, console=print)
+    c = stream(labelled, trained=default_trained, batches=batches, console=print)
+    d = stream(labelled, trained=default_trained, batches=scrambled, console=print)
     assert _decisions(c) != _decisions(d)
 
 
@@ -142,15 +142,15 @@ def test_delayed_mode_uses_labels_only_k_batches_late(default_trained):
     batches = _stream_batches(default_trained, cfg)
     # The last k batches' labels never arrive: scrambling them changes nothing.
     late_scrambled = batches[:-k] + [(X, 1 - y) for X, y in batches[-k:]]
-    a = shp.run_experiment(cfg, trained=default_trained, batches=batches, console=print)
-    b = shp.run_experiment(cfg, trained=default_trained, batches=late_scrambled, console=print)
+    a = stream(cfg, trained=default_trained, batches=batches, console=print)
+    b = stream(cfg, trained=default_trained, batches=late_scrambled, console=print)
     assert _decisions(a) == _decisions(b)
     assert all(r.action in ("none", "await_labels") for r in a.log.records[:k])
     assert any(r.action == "await_labels" for r in a.log.records[:k])
     assert any(r.action == "heal" for r in a.log.records[k:])
     # Labels of batch 1 do matter from batch k+1 on.
     early_scrambled = [(batches[0][0], 1 - batches[0][1])] + batches[1:]
-    c = shp.run_experiment(cfg, trained=default_trained, batches=early_scrambled, console=print)
+    c = stream(cfg, trained=default_trained, batches=early_scrambled, console=print)
     assert _decisions(a)[:k] == _decisions(c)[:k] and _decisions(a) != _decisions(c)
 
 
@@ -158,7 +158,7 @@ def test_rules_mode_weighs_every_conflict_as_fraud(small_trained, tmp_path):
     """Every conflict is rule-fraud by definition: with the rule as target, the fraud share among
     conflicts is 1 and pos_weight sits at its cap of 4 on every batch that has conflicts."""
     cfg = quiet(SMALL, supervision="rules")
-    result = shp.run_experiment(cfg, trained=small_trained, console=print, export_dir=tmp_path)
+    result = stream(cfg, trained=small_trained, console=print, export_dir=tmp_path)
     with_conflicts = [r for r in result.log.records if r.conflicts > 0]
     assert with_conflicts and all((r.fraud_frac, r.pos_weight) == (1.0, 4.0) for r in with_conflicts)
     rows = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))
@@ -167,7 +167,7 @@ def test_rules_mode_weighs_every_conflict_as_fraud(small_trained, tmp_path):
 
 def test_delayed_mode_heals_first_when_labels_arrive(small_trained, tmp_path):
     cfg = quiet(SMALL, supervision="delayed", label_delay=2)
-    result = shp.run_experiment(cfg, trained=small_trained, console=print, export_dir=tmp_path)
+    result = stream(cfg, trained=small_trained, console=print, export_dir=tmp_path)
     records = result.log.records
     assert [r.action for r in records[:2]] == ["await_labels"] * 2  # no labels yet, nothing to learn from
     assert all(np.isnan(r.pos_weight) and r.version_post is None for r in records[:2])

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import shp, quiet
+from conftest import shp, quiet, stream
 
 
 def _rollbacks(result):
@@ -11,7 +11,7 @@ def _rollbacks(result):
 
 
 def test_rollback_f1_drop_003_restores_v21_first(default_trained):
-    result = shp.run_experiment(quiet(rollback_f1_drop=0.03), trained=default_trained, console=print)
+    result = stream(quiet(rollback_f1_drop=0.03), trained=default_trained, console=print)
     first = _rollbacks(result)[0]
     assert first.restored_version == 21
     event = next(e for e in result.log.events if e["type"] == "rollback")
@@ -22,7 +22,7 @@ def test_rollback_f1_drop_003_restores_v21_first(default_trained):
 def strong_drift_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("strong")
     cfg = shp.parse_config(["--drift-strength", "3.5", "--rollback-f1-drop", "0.03", "--quiet", "--out", str(out)])
-    result = shp.run_experiment(cfg, console=print, export_dir=out / "monitoring_export")
+    result = stream(cfg, console=print, export_dir=out / "monitoring_export")
     return result, out
 
 
@@ -48,7 +48,7 @@ def test_strong_drift_never_rolls_back_on_consecutive_batches(strong_drift_run):
 
 
 def test_rollback_restores_the_snapshot_weights(default_trained):
-    result = shp.run_experiment(quiet(rollback_f1_drop=0.03, n_batches=22, keep_best=50, keep_last=60),
+    result = stream(quiet(rollback_f1_drop=0.03, n_batches=22, keep_best=50, keep_last=60),
                                 trained=default_trained, console=print)
     assert result.log.records[-1].restored_version == 21
     served = result.model.reflexive.state_dict()
