@@ -44,16 +44,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
-try:
-    import numpy as np
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
-except KeyboardInterrupt:  # Ctrl-C while torch loads (a second or two): one line, as at any other moment
-    if __name__ != "__main__":
-        raise
+
+def _interrupted_before_main(signum, frame):
     sys.stderr.write("\nself_healing_production_final.py: error: interrupted\n")
-    raise SystemExit(130) from None
+    os._exit(130)
+
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    # Ctrl-C while torch loads (a second or two) or before main starts: one line, as at any other moment.
+    signal.signal(signal.SIGINT, _interrupted_before_main)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 
 # Part I. The article
@@ -766,12 +770,12 @@ class Experiment:
     Iterating it serves the batches, one record each; afterwards it holds the healed model.
     `batches` (the article's stream unless given) and the stream's parts can be handed in."""
 
-    def __init__(self, cfg: ArticleConfig, trained: Trained, batches: Iterable = None, **stream_parts):
+    def __init__(self, cfg: ArticleConfig, trained: Trained, batches: Iterable = None, **parts):
         self.cfg, self.trained = cfg, trained
         # Copies, so that one training can serve several runs (tests do this).
         self.model, self.shadow = copy.deepcopy(trained.model), copy.deepcopy(trained.baseline)
         self.fidi = FIDIMonitor(trained.data.train.X[:, V14], cfg.fidi_window, cfg.fidi_threshold)
-        self.stream = SelfHealingStream(self.model, self.shadow, trained.baseline, self.fidi, cfg, **stream_parts)
+        self.stream = SelfHealingStream(self.model, self.shadow, trained.baseline, self.fidi, cfg, **parts)
         self.batches = batches if batches is not None else \
             drifted_batches(trained.data.drift, cfg, copy.deepcopy(trained.rng))
 
@@ -1941,7 +1945,8 @@ def article_comparison(run: Run) -> list[tuple[str, str, str]]:
         ("Rollbacks", "0", str(log.counts["rollback"])),
         ("Registry snapshots saved", "51", str(run.registry.saved)),
         ("Best post-heal snapshot", "v21 (batch 10, acc 0.710, F1 0.408)",
-         "none" if best is None else f"v{best.version} (batch {best.batch}, acc {best.accuracy:.3f}, F1 {best.f1:.3f})"),
+         "none" if best is None else
+         f"v{best.version} (batch {best.batch}, acc {best.accuracy:.3f}, F1 {best.f1:.3f})"),
         ("Batches with positive lift", "25 of 25", f"{lift.positive} of {lift.n}"),
         ("Lift range", "+0.050 to +0.360", f"{lift.min:+.3f} to {lift.max:+.3f}" if lift.n else "-"),
         ("Mean lift (in-sample)", "+22.3 pp", f"{100 * lift.mean:+.1f} pp" if lift.n else "-"),
@@ -2910,13 +2915,13 @@ def flag_help(f: dataclasses.Field) -> str:
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     """One flag per Config field, grouped by the class that declares it. With suppress_defaults the
     parse holds only flags given."""
-    parser = _Parser(prog="self_healing_production_final.py",
+    parser = _Parser(prog="self_healing_production_final.py", usage="%(prog)s [flags]",
                      description="Self-healing neural network under data drift: the article's experiment, "
-                                 "reproduced and measured honestly.",
+                                 "reproduced and measured honestly. Flags by what they control:",
                      argument_default=argparse.SUPPRESS if suppress_defaults else None)
     fields = {f.name: f for f in dataclasses.fields(Config)}
     for group_class in CONFIG_GROUPS:
-        group = parser.add_argument_group(group_class.__doc__)
+        group = parser.add_argument_group(group_class.__doc__.rstrip("."))
         for name in group_class.__annotations__:
             f = fields[name]
             default = {} if suppress_defaults else {"default": f.default}
@@ -3094,6 +3099,8 @@ def main(argv: list[str] = None) -> int:
     """Exit status: 0 done (also when standard output was closed early, as by `| head`: the
     outputs are written all the same), 1 outputs or standard output could not be written,
     2 a user mistake, 130 Ctrl-C, 143 SIGTERM."""
+    if signal.getsignal(signal.SIGINT) is _interrupted_before_main:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C cleans up on its way out
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
         # a merge checks every cell before it creates anything

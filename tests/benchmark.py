@@ -1,7 +1,7 @@
 """Benchmarks of the heal engine and the stream (not collected by pytest).
 
-    python tests/benchmark.py                 # latency, heal duration, stream scaling
-    python tests/benchmark.py --sizes 1000    # a quicker stream-scaling run
+    python tests/benchmark.py                 # latency, heal duration, stream scaling (about 2 minutes)
+    python tests/benchmark.py --sizes 100000  # stream scaling at 100,000 batches (about 10 minutes)
     python tests/benchmark.py --startup       # the default run's wall time against the import floor
     python tests/benchmark.py --bench         # the full scenario bench: wall time and peak memory
 
@@ -42,13 +42,13 @@ def latency(n_calls: int) -> None:
     cfg = shp.Config(quiet=True)
     trained = shp.train_models(cfg)
     X, y = trained.data.drift.X[:cfg.batch_size], trained.data.drift.y[:cfg.batch_size]
-    batch = shp.HealBatch(X, y, shp.rule_labels(X, cfg))
+    job = shp.HealJob(1, shp.HealBatch(X, y, shp.rule_labels(X, cfg)), 2.0, None)
     ms = lambda s: f"{1000 * s:.3f} ms"  # noqa: E731
     print(f"predict latency: {cfg.batch_size} rows per call, {n_calls} calls per sample, 1 torch thread serving")
-    for kind in ("thread", "process"):
+    for kind, heals_class in (("thread", shp.ThreadHeals), ("process", shp.ProcessHeals)):
         model = shp.copy.deepcopy(trained.model)
-        healer = shp.HEALERS[kind](model, cfg)
-        healer.submit(batch, 2.0)
+        healer = heals_class(model, cfg)
+        healer.start(job)
         model.reflexive = healer.result(120).layer  # start the worker before timing anything
         predict, adopt, heals = [], [], []
 
@@ -58,7 +58,7 @@ def latency(n_calls: int) -> None:
                     start = time.perf_counter()
                     result = healer.result(120)
                     model.reflexive = result.layer
-                    healer.submit(batch, 2.0)
+                    healer.start(job)
                     adopt.append(time.perf_counter() - start)
                     heals.append(result.seconds)
                 start = time.perf_counter()
@@ -72,7 +72,7 @@ def latency(n_calls: int) -> None:
             serve(n_calls // 10, healing=False)
             idle += predict
             predict.clear()
-            healer.submit(batch, 2.0)
+            healer.start(job)
             serve(n_calls // 10, healing=True)
             busy += predict
             healer.result(120)
@@ -91,12 +91,12 @@ def stream_child(n_batches: int) -> None:
     """Runs in a fresh process: one stream of n batches, plots off; prints JSON."""
     sys.path.insert(0, str(ROOT))
     import self_healing_production_final as shp
+    shp.use_one_torch_thread()  # as the script runs it
     cfg = shp.Config(n_batches=n_batches, quiet=True, no_plots=True)
     trained = shp.train_models(cfg)
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        result = shp.run_experiment(cfg, trained=trained, console=lambda line: None,
-                                    export_dir=Path(out), keep_records=False)
+        result = shp.serve_and_write(shp.Run(cfg, trained, keep_records=False), lambda line: None, Path(out))
         seconds = time.perf_counter() - start
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"n": n_batches, "seconds": seconds, "peak_mib": peak_kib / 1024,
@@ -185,7 +185,7 @@ def bench(extra: list) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=2000, help="predict calls per latency sample")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000])
     parser.add_argument("--startup", action="store_true", help="only the startup benchmark")
     parser.add_argument("--bench", action="store_true", help="only the scenario bench (5 seeds)")
     parser.add_argument("--repeats", type=int, default=5)

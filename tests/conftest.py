@@ -19,6 +19,11 @@ torch.set_num_threads(1)
 
 SCRIPT = ROOT / "self_healing_production_final.py"
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts processes or races threads; `-m 'not slow'` skips them "
+                                       "for a quick loop (the README's test command runs everything)")
+
+
 # Small enough to train in a fraction of a second, large enough to exercise every path.
 SMALL = dict(n_train=600, n_test=200, n_drift=200, epochs=2, n_batches=6, batch_size=50)
 

@@ -142,6 +142,7 @@ def _bench_args(out, *extra):
         f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
 
 
+@pytest.mark.slow
 def test_sharded_bench_merges_to_the_unsharded_csv(tmp_path, monkeypatch, capsys):
     """Three shards, the second killed after three cells and resumed, then merged: the same bytes
     as the unsharded bench."""

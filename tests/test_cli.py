@@ -107,25 +107,32 @@ def test_special_threshold_files_never_block_and_exit_2(special, tmp_path, monke
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_non_number_exits_2_as_a_real_process(tmp_path):
     _assert_user_error(_run(["--n-batches", "abc"], tmp_path), tmp_path)
     _assert_user_error(_run(["--n-batches", "0"], tmp_path), tmp_path)
 
 
 def _readme_flags():
-    """flag -> default, from the README's flag table."""
+    """flag -> (default, rule, help), from the README's flag tables."""
     text = (SCRIPT.parent / "README.md").read_text(encoding="utf-8")
-    return dict(re.findall(r"^\| `(--[a-z0-9-]+)(?: FILE)?` \| ([^|]+?) \|", text, flags=re.M))
+    rows = re.findall(r"^\| `(--[a-z0-9-]+)(?: FILE)?` \| ([^|]+?) \| ((?:[^|\\]|\\\|)*?) \| (.+?) \|$", text, flags=re.M)
+    return {flag: (default, rule.replace("\\|", "|"), help_text) for flag, default, rule, help_text in rows}
 
 
-def test_every_readme_flag_is_a_parser_flag_with_its_default_and_no_other():
+def test_every_readme_flag_is_a_parser_flag_with_its_default_rule_and_help():
     readme = _readme_flags()
     assert len(readme) > 30 and "--drift-strength" in readme and "--rollback-f1-drop" in readme
     parser = shp.build_parser()
     parsed = {a.option_strings[0]: a.default for a in parser._actions if a.option_strings[0] != "-h"}
     assert sorted(parsed) == sorted(readme), set(parsed) ^ set(readme)
     for flag, default in parsed.items():
-        assert readme[flag] == ("none" if default in (None, "") else str(default)), flag
+        assert readme[flag][0] == ("none" if default in (None, "") else str(default)), flag
+    for f in shp.dataclasses.fields(shp.Config):
+        default, rule, help_text = readme["--" + f.name.replace("_", "-")]
+        words = ", ".join(f.metadata["choices"]) if f.metadata["choices"] else \
+            "" if f.metadata["rule"] is None else shp.rule_words(f.metadata["rule"]).removeprefix("in ")
+        assert (rule, help_text) == (words, f.metadata["help"]), f.name
     help_text = " ".join(parser.format_help().split())
     assert "(default: 2.2; in [-20, 20])" in help_text and "(default: 0.08; in [0, inf))" in help_text
 
@@ -134,14 +141,14 @@ def test_help_shows_the_flags_in_their_groups():
     """Each group of --help is one part's configuration class, titled by its docstring, and holds
     exactly the flags that class declares."""
     parser = shp.build_parser()
-    groups = {g.title: [a.dest for a in g._group_actions] for g in parser._action_groups if g.title in
-              {c.__doc__ for c in shp.CONFIG_GROUPS}}
-    assert len(groups) == len(shp.CONFIG_GROUPS) >= 4
-    for config_class in shp.CONFIG_GROUPS:
+    groups = {g.title: [a.dest for a in g._group_actions] for g in parser._action_groups}
+    titles = {c: c.__doc__.rstrip(".") for c in shp.CONFIG_GROUPS}
+    assert len(shp.CONFIG_GROUPS) >= 4 and set(titles.values()) <= set(groups)
+    for config_class, title in titles.items():
         declared = list(config_class.__annotations__) + (["thresholds"] if config_class is shp.Config else [])
-        assert groups[config_class.__doc__] == declared
-    assert "drift_strength" in groups[shp.ArticleConfig.__doc__] and "heal_worker" in groups[shp.EngineConfig.__doc__]
-    assert "scenario" in groups[shp.MeasurementConfig.__doc__] and "out" in groups[shp.Config.__doc__]
+        assert groups[title] == declared
+    assert "drift_strength" in groups[titles[shp.ArticleConfig]] and "heal_worker" in groups[titles[shp.EngineConfig]]
+    assert "scenario" in groups[titles[shp.MeasurementConfig]] and "out" in groups[titles[shp.Config]]
 
 
 def test_flags_reach_the_config():
@@ -151,6 +158,7 @@ def test_flags_reach_the_config():
         cfg.seed = 1
 
 
+@pytest.mark.slow
 def test_import_does_no_work(tmp_path):
     code = (
         "import numpy as np, torch, sys\n"

@@ -20,9 +20,15 @@ TINY = ["--n-train", "600", "--n-test", "200", "--n-drift", "200", "--epochs", "
 LONG_STREAM = ["--n-batches", "200000"]  # long enough to be interrupted mid-stream
 
 
-def _start(args, cwd, **kwargs):
-    return subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+def _default_ctrl_c():
+    """Python leaves Ctrl-C ignored in a child that starts with it ignored (a non-interactive shell's
+    background job does): give the run the disposition a terminal gives it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _start(args, cwd, python_flags=(), **kwargs):
+    return subprocess.Popen([sys.executable, *python_flags, str(SCRIPT), *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_ctrl_c, **kwargs)
 
 
 def _run(args, cwd, **kwargs):
@@ -57,6 +63,7 @@ def _wait_for_stream(out, process, seconds=60):
     raise AssertionError("the run never started streaming")
 
 
+@pytest.mark.slow
 def test_two_runs_into_one_out_one_completes_the_other_is_refused(tmp_path):
     first = _start(TINY + ["--n-batches", "250", "--out", "x", "--seed", "1"], tmp_path)
     _wait_for_stream(tmp_path / "x", first)
@@ -75,6 +82,7 @@ def test_temporary_names_never_collide(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_seed_sweep_with_a_process_worker_and_async_apply(tmp_path):
     proc = _run(TINY + ["--seeds", "2", "--heal-worker", "process", "--async-apply"], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -82,6 +90,7 @@ def test_seed_sweep_with_a_process_worker_and_async_apply(tmp_path):
     assert len((tmp_path / "monitoring_export" / "seed_sweep.csv").read_text().splitlines()) == 3
 
 
+@pytest.mark.slow
 def test_an_abandoned_heal_does_not_abort_the_exit(tmp_path):
     proc = _run(TINY + ["--n-batches", "2", "--conflict-min", "0", "--heal-steps", "100000", "--heal-timeout", "0.5"],
                 tmp_path)
@@ -90,6 +99,7 @@ def test_an_abandoned_heal_does_not_abort_the_exit(tmp_path):
     assert [e["reason"] for e in events if e["type"] == "heal_failed"][0] == "heal did not finish within 0.5 s"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, status, worker", [(signal.SIGINT, 130, "process"), (signal.SIGTERM, 143, "thread")])
 def test_a_signal_mid_stream_cleans_up(sig, status, worker, tmp_path):
     assert _run(TINY + ["--out", "o"], tmp_path).returncode == 0
@@ -107,14 +117,21 @@ def test_a_signal_mid_stream_cleans_up(sig, status, worker, tmp_path):
     assert subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True).stdout == b"", "no worker left"
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_torch_loads_prints_one_line(tmp_path):
-    run = _start(TINY, tmp_path)
-    time.sleep(0.3)
+    # -X importtime reports each module as its import ends: once torch's modules show up, the script is
+    # inside its imports, with hundreds of torch's modules still to come.
+    run = _start(TINY, tmp_path, python_flags=["-X", "importtime"])
+    for line in run.stderr:
+        if re.search(r"\|\s+torch\.", line):
+            break
     run.send_signal(signal.SIGINT)
     _, stderr = run.communicate(timeout=60)
-    assert run.returncode == 130 and "interrupted" in _one_error_line(stderr)
+    ours = "".join(line for line in stderr.splitlines(keepends=True) if not line.startswith("import time:"))
+    assert run.returncode == 130 and "interrupted" in _one_error_line(ours)
 
 
+@pytest.mark.slow
 def test_a_killed_parent_leaves_no_worker_and_no_noise(tmp_path):
     run = _start(TINY + LONG_STREAM + ["--heal-worker", "process"], tmp_path)
     _wait_for_stream(tmp_path, run)
@@ -136,6 +153,7 @@ def test_stale_temporaries_of_live_processes_are_kept(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, ".notes.tmp"])
 
 
+@pytest.mark.slow
 def test_head_stops_the_printing_not_the_run(tmp_path):
     run = _start(TINY[:-1] + ["--out", "o"], tmp_path)  # the batch table too
     assert run.stdout.readline() and run.stdout.readline()
@@ -145,6 +163,7 @@ def test_head_stops_the_printing_not_the_run(tmp_path):
     _valid_exports(tmp_path / "o" / "monitoring_export")
 
 
+@pytest.mark.slow
 def test_full_standard_output_is_one_line_and_exit_1(tmp_path):
     with open("/dev/full", "w") as full:
         proc = subprocess.run([sys.executable, str(SCRIPT), *TINY], cwd=tmp_path, stdout=full,

@@ -19,9 +19,10 @@ def _events(directory):
     return json.loads((directory / "events.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["thread", "process"])
 def test_predictions_never_mix_two_published_versions(kind, small_trained):
-    """8 threads predict while 1,000 heals publish: each output is exactly one version's."""
+    """8 threads predict while 300 heals publish: each output is exactly one version's."""
     cfg = quiet(SMALL, heal_steps=1, heal_lr=0.05)
     model = shp.copy.deepcopy(small_trained.model)
     heals = {"thread": shp.ThreadHeals, "process": shp.ProcessHeals}[kind](model, cfg)
@@ -42,7 +43,7 @@ def test_predictions_never_mix_two_published_versions(kind, small_trained):
     for t in threads:
         t.start()
     try:
-        for _ in range(1000):
+        for _ in range(300):
             heals.start(job)
             model.reflexive = heals.result(timeout=60).layer
             published.add(shp.predict_proba(model, X).tobytes())
@@ -53,8 +54,8 @@ def test_predictions_never_mix_two_published_versions(kind, small_trained):
         heals.close()
     assert not errors
     observed = set().union(*seen)
-    assert len(published) > 900, "the heals did change the weights"
-    assert len(observed) > 100, "predictions overlapped the heals"
+    assert len(published) > 270, "the heals did change the weights"
+    assert len(observed) > 30, "predictions overlapped the heals"
     strays = [np.frombuffer(o, dtype=np.float32) for o in observed - published]
     nearest = [min(np.abs(x - np.frombuffer(p, dtype=np.float32)).max() for p in published) for x in strays]
     assert not strays, f"{len(strays)} outputs match no published version; nearest differ by {nearest}"
@@ -174,6 +175,7 @@ def test_a_failed_run_leaves_no_half_written_export(small_trained, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]
 
 
+@pytest.mark.slow
 def test_long_stream_keeps_no_history_when_plots_are_off(small_trained):
     cfg = quiet(SMALL, n_batches=300, keep_best=3, keep_last=4)
     result = stream(cfg, trained=small_trained, console=print, keep_records=False)
@@ -181,6 +183,7 @@ def test_long_stream_keeps_no_history_when_plots_are_off(small_trained):
     assert result.registry.saved > 300 and len(result.registry.snapshots) <= 1 + 3 + 4
 
 
+@pytest.mark.slow
 def test_process_worker_gives_the_same_run_as_the_thread(default_trained, tmp_path):
     """Heals and a rollback (a restore sent to the worker) give byte-identical metrics either way."""
     results = {}

@@ -176,6 +176,7 @@ def test_delayed_mode_heals_first_when_labels_arrive(small_trained, tmp_path):
     assert heals[0]["batch"] == 3
 
 
+@pytest.mark.slow
 def test_seed_sweep_writes_csv_and_prints_intervals(tmp_path):
     lines = []
     cfg = shp.Config(**SMALL, seed=3, seeds=3, out=str(tmp_path), no_plots=True)

@@ -132,6 +132,7 @@ def test_explicit_flag_wins_over_thresholds_file(tmp_path):
     assert (cfg.rollback_f1_drop, cfg.health_window) == (0.05, 3)
 
 
+@pytest.mark.slow
 def test_end_to_end_cli_writes_plots_and_exports(tmp_path):
     import subprocess
     import sys

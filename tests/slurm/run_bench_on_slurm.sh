@@ -22,7 +22,7 @@
 #   BENCH_ARRAY=SPEC  replace the array's --array, e.g. 0-9%1 (at most one task at a time)
 #   KEEP_SLURM=1      leave the daemons running at the end (a later run reuses them)
 #   WAIT_TIMEOUT=S    cancel the jobs and fail after S seconds (default 1800)
-# Exit status: 0 PASS, 1 FAIL, 2 usage or set-up error.
+# Exit status: 0 PASS, 1 FAIL, 2 usage or set-up error (or the status of a set-up command that failed).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)
@@ -96,6 +96,7 @@ stop_daemons() {
         fi
         forget_pid "$name"
     done
+    [[ -s $PID_FILE ]] || rm -f "$PID_FILE"
 }
 
 # --- 1. a single-node cluster ------------------------------------------------------------------
@@ -305,7 +306,8 @@ run_jobs() {
         line=$(awk -v m="$MERGE_ID" '
             $1 == m { merge = $2 (($3 == "None") ? "" : " (" $3 ")"); next }
             { n[$2]++ }
-            END { for (s in n) tasks = tasks n[s] " " s ", "; print "array: " tasks "merge: " merge }' <<< "$queue")
+            END { for (s in n) tasks = tasks (tasks == "" ? "" : ", ") n[s] " " s
+                  print "array: " (tasks == "" ? "done" : tasks) "; merge: " (merge == "" ? "done" : merge) }' <<< "$queue")
         [[ $line != "$previous" ]] && say "$line"
         previous=$line
         if grep -q "^$MERGE_ID PENDING DependencyNeverSatisfied" <<< "$queue"; then
@@ -336,16 +338,17 @@ run_jobs() {
             show_log_tail "$RUN_DIR/bench-shard-${ARRAY_ID}_$task.err" 3
         fi
     done
+    FAILED_TASKS=$failed
     SLURM_SUMMARY="array job $ARRAY_ID: $ok of ${#TASKS[@]} tasks COMPLETED with exit 0"
     if describe merge "$MERGE_ID"; then
         SLURM_SUMMARY+="; merge job $MERGE_ID COMPLETED"
         MERGE_OK=1
+    elif ((failed)); then
+        SLURM_SUMMARY+="; merge job $MERGE_ID never ran (its afterok failed with the tasks)"
     else
         SLURM_SUMMARY+="; merge job $MERGE_ID did not complete"
         show_log_tail "$RUN_DIR/bench-merge-$MERGE_ID.err" 5
     fi
-    ((failed == 0)) || SLURM_SUMMARY+=" ($failed task(s) did not)"
-    FAILED_TASKS=$failed
 }
 
 compare_with_unsharded() {
