@@ -26,6 +26,7 @@ import copy
 import csv
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -1810,6 +1811,12 @@ def bench_cells(first_seed: int, n_seeds: int) -> list[BenchCell]:
     return [BenchCell(i, *combo) for i, combo in enumerate(combos)]
 
 
+def shard_cells(cells: list[BenchCell], k: int, n: int) -> list[BenchCell]:
+    """Shard k of n: a contiguous block of the seed-major order, so that a shard trains as few seeds'
+    models as it can (with as many shards as seeds, one seed each)."""
+    return cells[k * len(cells) // n:(k + 1) * len(cells) // n]
+
+
 def run_bench_cells(cfg: MeasurementConfig, cells: list[BenchCell],
                     done: Callable[[BenchCell, BenchRow], None] = None) -> list[BenchRow]:
     """Run cells, training the models once per seed and computing each scenario's ceiling once;
@@ -3000,7 +3007,7 @@ def run_bench(cfg: Config, out: Path, console: Callable[[str], None], merged: li
     cells, cell_dir = bench_cells(cfg.seed, cfg.seeds), out / "bench_cells"
     if cfg.shard:
         k, n = parse_shard(cfg.shard)
-        mine = [c for c in cells if c.index % n == k]
+        mine = shard_cells(cells, k, n)
         todo = [c for c in mine if not (cell_dir / f"{c.name}.json").is_file()]
         console(f"Shard {k}/{n}: {len(mine)} of {len(cells)} cells, {len(mine) - len(todo)} already written, "
                 f"writing the rest to {cell_dir}")
@@ -3035,15 +3042,48 @@ def output_plan(cfg: Config) -> dict:
     return {"monitoring_export": exports + ["threshold_config.json"], **({} if cfg.no_plots else {"plots": plots})}
 
 
-def claim_out(cfg: Config) -> Optional[int]:
-    """Check, before any work, that --out can hold what this run writes, and hold it for this run: a
-    lock on the folder (the kernel drops it when a run dies, however it dies), so that a second run
-    into the same place is refused. Leftovers of a killed run are removed. Returns the lock's file
-    descriptor, or None for a run that writes nothing; raises ConfigError, having created nothing."""
+LOCK_NAME = ".self_healing.lock"  # in --out: every run that writes there holds it, shards of one bench together
+
+
+def take_lock(path: Path, shared: bool = False, wait: bool = False) -> int:
+    """A lock on path (created if need be), held until its descriptor is closed; the kernel drops it
+    when the process dies, however it dies. The file is opened for writing: where flock is emulated
+    by fcntl locks (NFS), an exclusive lock needs that. BlockingIOError when it is held elsewhere."""
+    import fcntl
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def held_elsewhere(path: Path) -> bool:
+    try:
+        os.close(take_lock(path))
+    except BlockingIOError:
+        return True
+    return False
+
+
+def bench_lock_name(cfg: Config) -> str:
+    """The shared lock of one bench's shards, named after the flags its cells depend on."""
+    flags = json.dumps(_json_safe(bench_fingerprint(cfg)), sort_keys=True)
+    return f".bench-{hashlib.sha256(flags.encode()).hexdigest()[:16]}.lock"
+
+
+def claim_out(cfg: Config) -> list[int]:
+    """Check, before any work, that --out can hold what this run writes, and hold it for this run, so
+    that another run into the same place is refused ("busy"). Shards of one bench hold it together,
+    each its own cells; a run of any other kind, or a bench with other flags, needs it alone.
+    Leftovers of a killed run are removed. Returns the locks' descriptors (none for a run that
+    writes nothing); raises ConfigError, having created nothing."""
     plan = output_plan(cfg)
     if not plan:
-        return None
-    out, created, fd = Path(cfg.out), [], None
+        return []
+    out, created, locks = Path(cfg.out), [], []
+    shard = run_kind(cfg) == "shard"
     try:
         for folder in [out, *(out / name for name in plan)]:
             if not folder.exists():
@@ -3051,30 +3091,36 @@ def claim_out(cfg: Config) -> Optional[int]:
                 created.append(folder)
             if not folder.is_dir():
                 raise ConfigError(f"cannot write to --out {cfg.out}: {folder} is not a folder")
-        fd = os.open(out, os.O_RDONLY)
-        try:
-            import fcntl
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"--out {cfg.out} is busy: another run is writing there") from None
-        except ImportError:  # no flock outside Unix: no protection, as before
-            pass
         for name, files in plan.items():
-            remove_stale_temporaries(out / name)
             for file in files:
                 if (out / name / file).is_dir():
                     raise ConfigError(f"cannot write to --out {cfg.out}: {out / name / file} is a folder")
             with tempfile.NamedTemporaryFile(dir=out / name, prefix=".probe.", suffix=".tmp"):
                 pass  # a file can be created there (and it is removed)
-        return fd
+        admission = take_lock(out / (LOCK_NAME + ".admission"), wait=True)  # one run at a time decides
+        try:
+            locks.append(take_lock(out / LOCK_NAME, shared=shard))
+            if shard:
+                mine = out / "bench_cells" / bench_lock_name(cfg)
+                if any(held_elsewhere(other) for other in mine.parent.glob(".bench-*.lock") if other != mine):
+                    raise BlockingIOError
+                locks.append(take_lock(mine, shared=True))
+        finally:
+            os.close(admission)
+        for name in plan:
+            remove_stale_temporaries(out / name)
+        return locks
+    except BlockingIOError:
+        for fd in locks:
+            os.close(fd)
+        raise ConfigError(f"--out {cfg.out} is busy: another run is writing there"
+                          + (" (only shards of one bench, with the same flags, share it)" if shard else "")) from None
     except (ConfigError, OSError) as e:
-        if fd is not None:
+        for fd in locks:
             os.close(fd)
         for folder in reversed(created):
-            try:
+            with contextlib.suppress(OSError):
                 folder.rmdir()
-            except OSError:
-                pass
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"cannot write to --out {cfg.out}: {e.strerror or e}") from None
@@ -3106,7 +3152,7 @@ def main(argv: list[str] = None) -> int:
         # a merge checks every cell before it creates anything
         cells = bench_cells(cfg.seed, cfg.seeds)
         merged = read_cells(Path(cfg.out) / "bench_cells", cells, cfg) if cfg.merge else None
-        lock = claim_out(cfg)
+        locks = claim_out(cfg)
     except ConfigError as e:
         error_line(str(e))
         return 2
@@ -3141,8 +3187,8 @@ def main(argv: list[str] = None) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous_term)
-        if lock is not None:
-            os.close(lock)
+        for fd in locks:
+            os.close(fd)
     if console.failure is not None and not isinstance(console.failure, BrokenPipeError):
         error_line(f"cannot write to standard output: {console.failure.strerror or console.failure}; "
                    f"the outputs under --out are written")

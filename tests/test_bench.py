@@ -206,3 +206,65 @@ def test_merge_refuses_a_corrupt_cell_file_in_one_line(damage, tmp_path, capsys)
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and victim.name in err and "Traceback" not in err
     assert not (tmp_path / "monitoring_export").exists()
+
+
+def test_shards_of_as_many_seeds_each_train_one_seed():
+    cells = shp.bench_cells(42, 4)
+    shards = [shp.shard_cells(cells, k, 4) for k in range(4)]
+    assert [{c.seed for c in shard} for shard in shards] == [{42}, {43}, {44}, {45}]
+    assert sorted(c.index for shard in shards for c in shard) == [c.index for c in cells]
+    three = [shp.shard_cells(cells, k, 3) for k in range(3)]
+    assert sorted(c.index for shard in three for c in shard) == [c.index for c in cells]
+    assert max(len({c.seed for c in shard}) for shard in three) == 2
+
+
+def _cells_of(folder, shard, n_cells, n_shards):
+    first, last = shard * n_cells // n_shards, (shard + 1) * n_cells // n_shards
+    return [p for p in folder.glob("cell-*.json") if first <= int(p.name.split("-")[1]) < last]
+
+
+@pytest.mark.slow
+def test_three_shards_at_once_into_one_out_merge_to_the_unsharded_csv(tmp_path):
+    """Three shards started together share --out; while they run, a plain run and a bench with other
+    flags are refused; one shard is killed (as a preempted job would be) and resumed; the merge
+    equals the unsharded bench byte for byte."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import SCRIPT
+
+    def start(*extra):
+        return subprocess.Popen([sys.executable, str(SCRIPT), *_bench_args(tmp_path / "shared", *extra)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    n_cells = 2 * len(shp.SCENARIOS) * len(shp.HEAL_METHODS)
+    shards = [start("--shard", f"{k}/3") for k in range(3)]
+    cells = tmp_path / "shared" / "bench_cells"
+    deadline = time.monotonic() + 120
+    while len(_cells_of(cells, 1, n_cells, 3)) < 3:
+        assert time.monotonic() < deadline and shards[1].poll() is None, "shard 1 never got going"
+        time.sleep(0.005)
+    for shard in shards:
+        shard.send_signal(signal.SIGSTOP)  # frozen: they hold --out while the others knock
+    try:
+        for extra in ([], ["--fn-cost", "1", "--shard", "0/3"]):
+            args = ["--out", str(tmp_path / "shared"), "--no-plots", "--quiet"] if not extra else \
+                _bench_args(tmp_path / "shared", *extra)
+            knock = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
+            assert knock.returncode == 2 and "busy" in knock.stderr and len(knock.stderr.splitlines()) == 1, knock
+        shards[1].kill()
+    finally:
+        for shard in shards:
+            shard.send_signal(signal.SIGCONT)
+    assert shards[1].wait(timeout=60) == -signal.SIGKILL
+    written_before = len(_cells_of(cells, 1, n_cells, 3))
+    assert 3 <= written_before < n_cells // 3, "killed midway"
+    assert [shards[k].wait(timeout=120) for k in (0, 2)] == [0, 0]
+    resumed = start("--shard", "1/3")
+    out, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0 and f"{written_before} already written" in out, err
+    assert shp.main(_bench_args(tmp_path / "shared", "--merge")) == 0
+    assert shp.main(_bench_args(tmp_path / "whole")) == 0
+    merged = (tmp_path / "shared" / "monitoring_export" / "bench.csv").read_bytes()
+    assert merged == (tmp_path / "whole" / "monitoring_export" / "bench.csv").read_bytes()
+    assert not list((tmp_path / "shared").rglob("*.tmp")), "no temporary file survives"
