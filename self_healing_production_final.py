@@ -40,6 +40,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+import concurrent.futures
 from concurrent.futures import Future, ProcessPoolExecutor, TimeoutError as FuturesTimeoutError
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -2009,15 +2010,23 @@ ROW_TITLES = {
 }
 
 
-def report(run: Run, e: Evaluation) -> list[str]:
+def report(run: Run, e: Evaluation, full_table: bool = False) -> list[str]:
+    """What the run printed after its batches: the article's table beside this run's (or, for a run
+    whose flags differ from the article's, a note, unless full_table), then the honest measurements."""
     cfg, log = run.cfg, run.log
-    lines = ["", "Reproduction of the article's table (seed 42, default flags)"]
-    if not is_default_experiment(cfg):
-        lines.append("Note: flags differ from the article's defaults, so its figures are not expected here.")
     rows = [[label, a, o, "match" if a == o else "DIFFERS"] for label, a, o in article_comparison(run)]
-    lines += text_table(["figure", "article", "this run", ""], rows, "<>><")
     matched = sum(row[3] == "match" for row in rows)
-    lines.append(f"{matched} of {len(rows)} figures match the article.")
+    if is_default_experiment(cfg) or full_table:
+        lines = ["", "Reproduction of the article's table (seed 42, default flags)"]
+        if not is_default_experiment(cfg):
+            lines.append("Note: flags differ from the article's defaults, so its figures are not expected here.")
+        lines += text_table(["figure", "article", "this run", ""], rows, "<>><")
+        lines.append(f"{matched} of {len(rows)} figures match the article.")
+    else:
+        differ = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(cfg) if f.metadata["role"] ==
+                  "experiment" and getattr(cfg, f.name) != getattr(type(cfg)(), f.name)]
+        lines = ["", f"The article's table: {matched} of its {len(rows)} figures match this run, which changes "
+                     f"{', '.join(differ)}, so they need not (--article-table prints them all)."]
 
     lines += ["", "What the numbers mean: every model on the drifted set (in-sample: the stream drew its",
               f"labelled batches from these rows) and on a fresh drifted holdout it never saw ({cfg.n_drift:,} rows "
@@ -2128,6 +2137,41 @@ def remove_stale_temporaries(directory: Path) -> int:
     return removed
 
 
+class Progress:
+    """Long work told as it goes, on standard error (standard output is left alone): done of total,
+    elapsed, time left. On a terminal one line rewrites itself; elsewhere (a Slurm log, a pipe) each
+    update is a line of its own. The first update comes after `first` seconds, then at most one every
+    `every` seconds, and a last one when all is done if any was shown."""
+
+    def __init__(self, what: str, total: int, unit: str, first: float = 0.0, every: float = 5.0):
+        self.what, self.total, self.unit, self.every = what, total, unit, every
+        self.start = time.monotonic()
+        self.due, self.shown = self.start + first, False
+        try:
+            self.rewrite = sys.stderr.isatty()
+        except (AttributeError, ValueError):
+            self.rewrite = False
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if now < self.due and not (done >= self.total and self.shown):
+            return
+        self.due, self.shown = now + self.every, True
+        elapsed = now - self.start
+        left = f", about {_duration(elapsed / done * (self.total - done))} left" if 0 < done < self.total else ""
+        line = (f"progress: {self.what} {done:,} of {self.total:,} {self.unit}, {_duration(elapsed)} elapsed"
+                f"{left}")
+        end = "\n" if not self.rewrite or done >= self.total else ""
+        with contextlib.suppress(OSError, ValueError):  # a closed standard error stops nothing
+            sys.stderr.write(("\r\x1b[K" if self.rewrite else "") + line + end)
+            sys.stderr.flush()
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
+        f"{seconds / 3600:.1f} h"
+
+
 class Console:
     """Standard output that cannot stop the run: after the first failed write (a reader that went
     away, as `| head` does, or a full disk) it stays silent and keeps the error for main."""
@@ -2203,19 +2247,24 @@ def threshold_dict(cfg: MeasurementConfig) -> dict:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata["threshold"]}
 
 
-def write_threshold_config(directory: Path, cfg: MeasurementConfig) -> None:
-    """threshold_config.json: the thresholds an operator tunes (what --thresholds reads back), and
-    under "run" where the numbers came from: every setting, the command that reproduces the run,
-    and the versions of Python, torch and numpy."""
-    default = type(cfg)()
-    flags = []
+def recorded_command(cfg: MeasurementConfig) -> str:
+    default, words = type(cfg)(), ["python", str(Path(__file__).resolve())]
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if f.name == "out" or value == getattr(default, f.name):
-            continue
         flag = "--" + f.name.replace("_", "-")
-        flags += [flag] if f.type == "bool" else [flag, shlex.quote(str(value))]
-    run = {"command": " ".join(["python", "self_healing_production_final.py", *flags]),
+        if f.name == "out":
+            words.append(f"{flag}={Path(value).resolve()}")
+        elif value != getattr(default, f.name):
+            words.append(flag if f.type == "bool" else f"{flag}={value}")  # = : a value may start with "-"
+    return shlex.join(words)
+
+
+def write_threshold_config(directory: Path, cfg: MeasurementConfig) -> None:
+    """threshold_config.json: the thresholds an operator tunes (what --thresholds reads back), and
+    under "run" where the numbers came from: every setting, the command that reproduces the run
+    from any folder (the script's and --out's absolute paths, every flag not at its default), and
+    the versions of Python, torch and numpy."""
+    run = {"command": recorded_command(cfg),
            "config": dataclasses.asdict(cfg),
            "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}}
     entry = {**threshold_dict(cfg), RUN_KEY: run}
@@ -2261,12 +2310,14 @@ def serve_and_write(run: Run, console: Callable[[str], None], export_dir: Option
         console(line)
     if not run.cfg.quiet:
         console(batch_header())
+    progress = Progress("stream", run.cfg.n_batches, "batches", first=5.0)  # shown only on long streams
     with Exports(export_dir, run.cfg) if export_dir is not None else contextlib.nullcontext() as exports:
         for record in run:
             if exports is not None:
                 exports.write(record)
             if not run.cfg.quiet:
                 console(batch_line(record))
+            progress(record.batch)
     return run
 
 
@@ -2477,6 +2528,7 @@ class PlotData:
         self.records = [r for r in self.all_records if r.served is not None]
         self.batches = np.array([r.batch for r in self.records])
         self.z = _series(self.records, "z")
+        self.z[:MIN_FIDI_ENTRIES - 1] = np.nan  # FIDI has no z before its window holds 3 means: no point, not 0
         self.rollbacks = [r for r in self.records if r.restored_version is not None]
 
     @classmethod
@@ -2517,6 +2569,9 @@ def plot_fidi(plt, d: PlotData):
     fig, ax = plt.subplots(figsize=(10, 5.5), layout="constrained")
     ax.plot(d.batches, d.z, "o-", color=COLORS["healed"], label="FIDI z-score of V14")
     ax.axhline(threshold, color=COLORS["threshold"], ls="--", label=f"threshold {threshold:g}")
+    if len(d.batches) >= MIN_FIDI_ENTRIES:
+        ax.axvspan(d.batches[0] - 0.5, d.batches[MIN_FIDI_ENTRIES - 1] - 0.5, color=COLORS["shadow"], alpha=0.15,
+                   label=f"no z yet (needs {MIN_FIDI_ENTRIES} batch means)")
     ax.fill_between(d.batches, 0, np.nanmax(np.append(d.z, threshold)) * 1.1, where=d.z > threshold,
                     color=COLORS["rollback"], alpha=0.12, step="mid", label="drifting")
     ax.set(title="Feature drift: FIDI z-score (window mean of V14 vs training)", xlabel="stream batch",
@@ -2558,10 +2613,14 @@ def plot_registry(plt, d: PlotData):
             label="pre-heal snapshot")
     ax.plot([e["version_post"] for e in heals], [e["f1_after"] for e in heals], "o", color=COLORS["healed"],
             label="post-heal snapshot")
+    restored = {(e["restored_version"], e["restored_f1"]) for e in d.events if e["type"] == "rollback"}
+    if restored:
+        ax.plot(*zip(*sorted(restored)), "*", ms=20, color=COLORS["rollback"],
+                label="restored by a rollback: " + ", ".join(f"v{v}" for v, _ in sorted(restored)))
     best = d.best
     if best is not None:
-        ax.plot([best.version], [best.f1], "*", ms=20, color=COLORS["threshold"],
-                label=f"rollback target v{best.version} (batch {best.batch}, F1 {best.f1:.3f})")
+        ax.plot([best.version], [best.f1], "*", ms=13, color=COLORS["threshold"],
+                label=f"rollback target now v{best.version} (batch {best.batch}, F1 {best.f1:.3f})")
     ax.set(title=f"Registry: {d.snapshots_saved} snapshots by version (F1 on their batch)",
            xlabel="version (v1 = clean)", ylabel="F1", ylim=(0, 1.02))
     ax.grid(alpha=0.3)
@@ -2648,21 +2707,33 @@ def plot_seed_sweep(summaries: list[dict], directory: Path) -> Path:
 
 
 def plot_bench(rows: list[BenchRow], directory: Path) -> Path:
-    """Heatmap of the mean share of the cost gap each method closes, scenario by method."""
+    """Heatmap of the mean share of the cost gap each method closes, scenario by method, with its 95%
+    interval. Colours run from -1 to +1; below -1 (worse than no adaptation by more than the whole
+    gap) a cell is dark purple and its number says how much worse."""
     plt = pyplot()
     directory.mkdir(parents=True, exist_ok=True)
     spreads = bench_spread(rows)
-    gap = np.array([[spreads[(s, m)]["gap_closed"].mean for m in HEAL_METHODS] for s in SCENARIOS])
-    fig, ax = plt.subplots(figsize=(12, 6), layout="constrained")
-    image = ax.imshow(np.clip(gap, -1, 1), cmap="RdYlGn", vmin=-1, vmax=1, aspect="auto")
+    cells = [[spreads[(s, m)]["gap_closed"] for m in HEAL_METHODS] for s in SCENARIOS]
+    gap = np.array([[c.mean for c in row] for row in cells])
+    cmap = plt.get_cmap("RdYlGn").with_extremes(under="#3f007d", bad="#eeeeee")
+    fig, ax = plt.subplots(figsize=(13, 6.5), layout="constrained")
+    image = ax.imshow(np.ma.masked_invalid(gap), cmap=cmap, vmin=-1, vmax=1, aspect="auto")
     for (k, j), value in np.ndenumerate(gap):
-        ax.text(j, k, "no gap" if np.isnan(value) else f"{value:+.2f}", ha="center", va="center", fontsize=10,
-                color="#555555" if np.isnan(value) else "black")
+        if np.isnan(value):
+            ax.text(j, k, "no gap", ha="center", va="center", fontsize=10, color="#555555")
+            continue
+        r, g, b, _ = cmap((value + 1) / 2) if value >= -1 else cmap.get_under()
+        ink = "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"  # readable on the cell's colour
+        interval = cells[k][j]
+        ax.text(j, k - 0.12, f"{value:+.2f}", ha="center", va="center", fontsize=11, color=ink, weight="bold")
+        if math.isfinite(interval.low) and math.isfinite(interval.high):
+            ax.text(j, k + 0.22, f"[{interval.low:+.2f}, {interval.high:+.2f}]", ha="center", va="center",
+                    fontsize=7.5, color=ink)
     ax.set_xticks(range(len(HEAL_METHODS)), HEAL_METHODS, rotation=30, ha="right")
     ax.set_yticks(range(len(SCENARIOS)), SCENARIOS)
-    ax.set_title("Share of the cost gap to the Bayes ceiling closed (1 = Bayes, 0 = no adaptation; "
-                 "colours clipped at -1)")
-    fig.colorbar(image, ax=ax, label="gap closed")
+    ax.set_title("Share of the cost gap to the Bayes ceiling closed, mean over seeds [95% interval]\n"
+                 "(1 = Bayes, 0 = no adaptation; dark purple: below -1, worse than no adaptation by more than the gap)")
+    fig.colorbar(image, ax=ax, label="gap closed", extend="min")
     return save_figure(plt, fig, directory / "bench.png")
 
 
@@ -2672,19 +2743,26 @@ def plot_bench(rows: list[BenchRow], directory: Path) -> Path:
 # main model, half the plots drawn beside the other half, the seeds of a sweep and of the
 # bench one process each. All of it through one pool, process_pool. Uses Parts I to IV.
 
-def worker_setup() -> None:
+WORKER_PROGRESS = None  # in a pool worker: the queue it tells each finished piece of work to
+
+
+def worker_setup(progress=None) -> None:
     """Every pool worker: one torch thread, and Ctrl-C ignored (the parent stops its workers)."""
+    global WORKER_PROGRESS
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     use_one_torch_thread()
+    WORKER_PROGRESS = progress
 
 
 @contextlib.contextmanager
-def process_pool(workers: int, method: str):
+def process_pool(workers: int, method: str, progress=None):
     """A ProcessPoolExecutor of `workers` processes (fork: they start in milliseconds with everything
-    imported; spawn: fresh interpreters, safe beside threads). If the parent stops early (an error,
-    Ctrl-C) its workers are stopped at once, which the pool alone does not do: it waits for them."""
+    imported; spawn: fresh interpreters, safe beside threads), each handed `progress`, a queue. If the
+    parent stops early (an error, Ctrl-C) its workers are stopped at once, which the pool alone does
+    not do: it waits for them."""
     import multiprocessing
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=worker_setup)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=worker_setup,
+                               initargs=(progress,))
     try:
         yield pool
     except BaseException:
@@ -2726,22 +2804,59 @@ def make_plots(run: Run, evaluation: Evaluation, directory: Path) -> list[Path]:
         return draw_plots(data, directory, names[0::2]) + other_half.result()
 
 
-def map_in_processes(fn: Callable, items: list, workers: int) -> list:
-    """[fn(x) for x in items], spread over `workers` fresh processes, in order."""
+class CountHere:
+    """Stands in for the workers' queue when the work runs in this process."""
+
+    def __init__(self, progress: Progress):
+        self.done, self.progress = 0, progress
+
+    def put(self, pieces: int) -> None:
+        self.done += pieces
+        self.progress(self.done)
+
+
+def map_in_processes(fn: Callable, items: list, workers: int, progress: Progress) -> list:
+    """[fn(x) for x in items], spread over `workers` fresh processes, in order. fn calls told_done for
+    each piece of work it finishes, and progress shows them."""
+    global WORKER_PROGRESS
     if workers <= 1 or len(items) <= 1:
-        return [fn(x) for x in items]
-    with process_pool(workers, "spawn") as pool:
-        return list(pool.map(fn, items))
+        WORKER_PROGRESS = CountHere(progress)
+        try:
+            return [fn(x) for x in items]
+        finally:
+            WORKER_PROGRESS = None
+    import multiprocessing
+    finished, count = multiprocessing.get_context("spawn").SimpleQueue(), CountHere(progress)
+    with process_pool(workers, "spawn", finished) as pool:
+        futures = [pool.submit(fn, x) for x in items]
+        while not all(f.done() for f in futures):
+            concurrent.futures.wait(futures, timeout=0.2, return_when=concurrent.futures.FIRST_EXCEPTION)
+            while not finished.empty():
+                count.put(finished.get())
+        return [f.result() for f in futures]
+
+
+def told_done(pieces: int = 1) -> None:
+    """Tell whoever counts (the parent of a pool worker, or this process) that pieces of work are done."""
+    if WORKER_PROGRESS is not None:
+        WORKER_PROGRESS.put(pieces)
+
+
+def summarise_seed(cfg: MeasurementConfig) -> dict:
+    summary = seed_summary(cfg)
+    told_done()
+    return summary
 
 
 def _run_cells(job: tuple) -> list:
-    return run_bench_cells(*job)
+    return run_bench_cells(*job, done=lambda cell, row: told_done())
 
 
 def run_bench_in_processes(cfg: MeasurementConfig, cells: list[BenchCell], workers: int) -> list[BenchRow]:
     """The bench's cells, one process per seed at a time (each trains its seed's models once)."""
     seeds = sorted({c.seed for c in cells})
-    per_seed = map_in_processes(_run_cells, [(cfg, [c for c in cells if c.seed == s]) for s in seeds], workers)
+    jobs = [(cfg, [c for c in cells if c.seed == s]) for s in seeds]
+    per_seed = map_in_processes(_run_cells, jobs, workers, Progress("bench", len(cells), "cells"))
     return sorted((row for rows in per_seed for row in rows),
                   key=lambda r: (r.seed, SCENARIOS.index(r.scenario), HEAL_METHODS.index(r.method)))
 
@@ -2770,6 +2885,8 @@ class Config(MeasurementConfig):
     out: str = knob(".", "directory that receives plots/ and monitoring_export/", role="run")
     no_plots: bool = knob(False, "skip the plots", role="run")
     quiet: bool = knob(False, "do not print the per-batch table", role="run")
+    article_table: bool = knob(False, "print the article's table beside this run's even when flags differ from the "
+                               "article's (by default such a run prints how many of its figures match)", role="run")
     seeds: int = knob(1, f"run this many seeds (seed, seed+1, ...) and print their spread ({BENCH_SEEDS} with "
                       "--bench unless given)", "[1, 10000]", role="run")
     bench: bool = knob(False, "run every scenario against every method over --seeds and print when "
@@ -2963,7 +3080,7 @@ def run_article(cfg: Config, out: Path, console: Callable[[str], None]) -> int:
     run = Run(cfg, train_models(cfg, train_side_by_side), keep_records=not cfg.no_plots)
     serve_and_write(run, console, out / "monitoring_export")
     evaluation = evaluate_run(run)
-    for line in report(run, evaluation):
+    for line in report(run, evaluation, cfg.article_table):
         console(line)
     console(f"\nExported metrics.csv, events.json and threshold_config.json to {out / 'monitoring_export'}")
     if not cfg.no_plots:
@@ -2978,7 +3095,7 @@ def run_seed_sweep(cfg: Config, console: Callable[[str], None] = print, workers:
     configs = sweep_configs(cfg)
     workers = workers or min(len(configs), os.cpu_count() or 1)
     console(f"Running seeds {configs[0].seed}..{configs[-1].seed} in {workers} processes.")
-    summaries = map_in_processes(seed_summary, configs, workers)
+    summaries = map_in_processes(summarise_seed, configs, workers, Progress("sweep", len(configs), "seeds"))
     for line in sweep_report(summaries, sweep_spread(summaries)):
         console(line)
     exports = Path(cfg.out) / "monitoring_export"
@@ -3011,7 +3128,13 @@ def run_bench(cfg: Config, out: Path, console: Callable[[str], None], merged: li
         todo = [c for c in mine if not (cell_dir / f"{c.name}.json").is_file()]
         console(f"Shard {k}/{n}: {len(mine)} of {len(cells)} cells, {len(mine) - len(todo)} already written, "
                 f"writing the rest to {cell_dir}")
-        run_bench_cells(cfg, todo, done=lambda cell, row: write_cell(cell_dir, cell, row, cfg))
+        progress, written = Progress(f"shard {k}/{n}", len(todo), "cells"), []
+
+        def done(cell, row):
+            write_cell(cell_dir, cell, row, cfg)
+            written.append(cell)
+            progress(len(written))
+        run_bench_cells(cfg, todo, done=done)
         console(f"Shard {k}/{n} done. Merge with the same flags and --merge once every shard is done.")
         return 0
     if merged is not None:

@@ -268,3 +268,25 @@ def test_three_shards_at_once_into_one_out_merge_to_the_unsharded_csv(tmp_path):
     merged = (tmp_path / "shared" / "monitoring_export" / "bench.csv").read_bytes()
     assert merged == (tmp_path / "whole" / "monitoring_export" / "bench.csv").read_bytes()
     assert not list((tmp_path / "shared").rglob("*.tmp")), "no temporary file survives"
+
+
+def test_a_bench_tells_its_progress_on_standard_error_only(tmp_path, capsys):
+    assert shp.main(_bench_args(tmp_path, "--seeds", "1")) == 0
+    captured = capsys.readouterr()
+    n = len(shp.SCENARIOS) * len(shp.HEAL_METHODS)
+    lines = captured.err.splitlines()
+    assert lines[0].startswith("progress: bench 1 of 56 cells,") and lines[-1].startswith(f"progress: bench {n} of {n}")
+    assert all(line.startswith("progress: bench ") for line in lines)
+    assert "progress" not in captured.out and "Scenario bench:" in captured.out
+
+
+def test_progress_shows_at_most_every_few_seconds_then_when_done(monkeypatch, capsys):
+    clock = iter([0.0, 0.0, 1.0, 2.0, 6.0, 7.0, 8.0])
+    monkeypatch.setattr(shp.time, "monotonic", lambda: next(clock))
+    progress = shp.Progress("bench", 5, "cells", first=0.0, every=5.0)
+    for done in range(1, 6):  # at 0, 1, 2, 6 and 7 seconds
+        progress(done)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in lines] == ["progress: bench 1 of 5 cells", "progress: bench 4 of 5 cells",
+                                                       "progress: bench 5 of 5 cells"]
+    assert "about 2 s left" in lines[1] and "6 s elapsed" in lines[1]

@@ -40,6 +40,18 @@ def test_every_article_figure_is_printed_and_matches(default_run):
     assert all(ord(c) < 128 for c in text), "console output is plain ASCII"
 
 
+def test_a_run_with_other_flags_says_how_many_figures_match_instead_of_the_table(default_trained, tmp_path):
+    lines = []
+    run = stream(shp.Config(rollback_f1_drop=0.03, quiet=True), trained=default_trained, console=lines.append)
+    e = shp.evaluate_run(run)
+    short = "\n".join(shp.report(run, e))
+    assert "DIFFERS" not in short and "match this run, which changes --rollback-f1-drop" in short
+    matched = sum(a == o for _, a, o in shp.article_comparison(run))
+    assert f"{matched} of its 31 figures" in short and 0 < matched < 31
+    full = "\n".join(shp.report(run, e, full_table=True))
+    assert "DIFFERS" in full and f"{matched} of 31 figures match the article." in full
+
+
 def test_console_tells_the_pipeline_before_the_batch_table(default_run):
     lines = default_run.lines
     header = lines.index(shp.batch_header())
@@ -55,11 +67,21 @@ def test_z_first_exceeds_threshold_at_batch_3_and_stays(default_run):
     assert z[0] == z[1] == 0.0 and all(v > 1.0 for v in z[2:])
 
 
+def committed(path: str) -> bytes:
+    """The file as committed, whatever runs have written into the working tree since (the README's
+    examples write into monitoring_export/); the working tree's copy outside a git checkout."""
+    import subprocess
+    from conftest import ROOT
+    try:
+        return subprocess.run(["git", "show", f"HEAD:{path}"], cwd=ROOT, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return (ROOT / path).read_bytes()
+
+
 def test_default_metrics_csv_equals_the_committed_one_byte_for_byte(default_run):
     """The committed monitoring_export/ is the default run's: a fresh run writes the same bytes."""
-    from conftest import ROOT
     fresh = default_run.out / "monitoring_export" / "metrics.csv"
-    assert fresh.read_bytes() == (ROOT / "monitoring_export" / "metrics.csv").read_bytes()
+    assert fresh.read_bytes() == committed("monitoring_export/metrics.csv")
 
 
 def test_metrics_csv_contents(default_run):
@@ -95,7 +117,8 @@ def test_threshold_config_written(default_run):
     data = json.loads((out / "monitoring_export" / "threshold_config.json").read_text())
     run = data.pop("run")
     assert data == shp.threshold_dict(shp.Config())
-    assert run["command"] == "python self_healing_production_final.py" and run["config"]["seed"] == 42
+    from conftest import SCRIPT
+    assert run["command"] == f"python {SCRIPT} --out={out}" and run["config"]["seed"] == 42
     assert sorted(data) == sorted(["rollback_f1_drop", "rollback_acc_drop", "health_window", "conflict_thr",
                                    "min_batches_before_rollback", "conflict_min", "fidi_threshold",
                                    "fidi_window", "rule_threshold"])
