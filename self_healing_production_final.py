@@ -906,6 +906,7 @@ def heal_worker_loop(conn, model_arrays: dict, cfg: EngineConfig) -> None:
     model.freeze_backbone_and_head()
     trainer = AdapterTrainer(model, cfg)
     try:
+        conn.send(("ready",))
         while True:
             message = conn.recv()
             if message[0] == "heal":
@@ -928,10 +929,12 @@ class ProcessHeals:
     one costs an import of torch (about 2 s); each heal ships the batch there and the new
     layer back (tens of kB). Its own process, not Part V's pool: a hung heal is killed."""
 
+    STARTUP_TIMEOUT = 120.0  # seconds for a worker to import torch and build its model; not a heal's time
+
     def __init__(self, model: SelfHealingMLP, cfg: EngineConfig):
         self.model, self.cfg = model, cfg
         self.process, self.conn = None, None
-        self.pending = False
+        self.pending, self.failed = False, None
 
     def start(self, job: HealJob) -> None:
         if self.process is None:
@@ -943,6 +946,14 @@ class ProcessHeals:
             with ignoring_ctrl_c():
                 self.process.start()
             theirs.close()
+            try:  # wait for the worker to be ready, so that --heal-timeout bounds the heal alone
+                ready = self.conn.poll(self.STARTUP_TIMEOUT) and self.conn.recv() == ("ready",)
+            except (EOFError, OSError):
+                ready = False
+            if not ready:
+                self.abandon()
+                self.failed = f"heal worker did not start within {self.STARTUP_TIMEOUT:g} s"
+                return
         self.conn.send(("heal", job))
         self.pending = True
 
@@ -950,6 +961,9 @@ class ProcessHeals:
         return self.pending and not self.conn.poll()
 
     def result(self, timeout: float) -> HealResult:
+        if self.failed:
+            reason, self.failed = self.failed, None
+            raise HealRejected(reason)
         self.pending = False
         try:
             if not self.conn.poll(timeout):

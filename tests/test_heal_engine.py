@@ -192,3 +192,14 @@ def test_process_worker_gives_the_same_run_as_the_thread(default_trained, tmp_pa
         results[kind] = stream(cfg, trained=default_trained, console=print, export_dir=tmp_path / kind)
     assert results["process"].log.counts["rollback"] == 1
     assert (tmp_path / "thread" / "metrics.csv").read_bytes() == (tmp_path / "process" / "metrics.csv").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_process_worker_heals_within_a_timeout_shorter_than_its_start_up(small_trained, tmp_path):
+    """Starting the worker (about 2 s: it imports torch) is not part of a heal: a 1 s timeout still
+    lets every heal through, as with a thread."""
+    results = {kind: stream(quiet(SMALL, heal_worker=kind, heal_timeout=1.0), trained=small_trained,
+                            export_dir=tmp_path / kind) for kind in ("thread", "process")}
+    assert results["process"].log.counts["heal_failed"] == 0
+    assert results["process"].log.counts["heal"] == results["thread"].log.counts["heal"] > 0
+    assert (tmp_path / "thread" / "metrics.csv").read_bytes() == (tmp_path / "process" / "metrics.csv").read_bytes()

@@ -34,3 +34,9 @@ def test_readme_command_prints_part_one_and_counts_its_lines():
     first, last = _part_ranges()["I"]
     assert f"sed -n {first},{last}p self_healing_production_final.py" in README
     assert f"Part I ({last - first + 1} lines)" in README
+
+
+def test_readme_quotes_the_slurm_job_files_as_they_are():
+    for name in ("bench_array.sbatch", "bench_merge.sbatch"):
+        text = (SCRIPT.parent / "tests" / "slurm" / name).read_text(encoding="utf-8")
+        assert f"```bash\n{text}```" in README, name
