@@ -4,6 +4,7 @@
     python tests/benchmark.py --sizes 100000  # stream scaling at 100,000 batches (about 10 minutes)
     python tests/benchmark.py --startup       # the default run's wall time against the import floor
     python tests/benchmark.py --bench         # the full scenario bench: wall time and peak memory
+    python tests/benchmark.py --sweep         # --seeds 10 --no-plots: wall time and CPU time
 
 Every figure below is measured by this script and printed; nothing is assumed.
 """
@@ -23,6 +24,8 @@ SCRIPT = ROOT / "self_healing_production_final.py"
 
 
 def percentile(values, q):
+    if not values:
+        return float("nan")
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
@@ -182,12 +185,28 @@ def bench(extra: list) -> None:
           f"{seconds:.1f} s wall, peak memory of all its processes together {peak:.0f} MiB")
 
 
+def sweep(seeds: int) -> None:
+    """A seed sweep with plots off, in a fresh process: wall time, and CPU time of it and its workers."""
+    with tempfile.TemporaryDirectory() as out:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        subprocess.run([sys.executable, str(SCRIPT), "--seeds", str(seeds), "--no-plots", "--out", out],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        seconds = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    print(f"--seeds {seeds} --no-plots, {os.cpu_count()} cores: {seconds:.1f} s wall (imports included), "
+          f"{cpu:.1f} s CPU in all its processes")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calls", type=int, default=2000, help="predict calls per latency sample")
+    parser.add_argument("--calls", type=int, default=20000,
+                        help="predict calls per latency sample (enough for heals to finish during it)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000])
     parser.add_argument("--startup", action="store_true", help="only the startup benchmark")
     parser.add_argument("--bench", action="store_true", help="only the scenario bench (5 seeds)")
+    parser.add_argument("--sweep", action="store_true", help="only a sweep of 10 seeds")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -197,6 +216,8 @@ def main():
         return startup(args.repeats)
     if args.bench:
         return bench([])
+    if args.sweep:
+        return sweep(10)
     latency(args.calls)
     stream_scaling(args.sizes)
 

@@ -1,5 +1,4 @@
 """The scenario bench: ceilings, prequential methods, label-free methods, shards."""
-import dataclasses
 import json
 
 import numpy as np
