@@ -92,11 +92,14 @@ class ArticleConfig:
     batch_size: int = knob(100, "rows per training batch and per stream batch", "[1, 10000000]")
     lr: float = knob(1e-3, "Adam learning rate for training", "(0, 1]")
     # detection
-    fidi_window: int = knob(10, "batch means in the FIDI window (z needs 3 of them)", "[1, 1000000]",
+    fidi_window: int = knob(10, "batch means in the FIDI window (z needs 3 of them)", "[3, 1000000]",
                             threshold=True)
-    fidi_threshold: float = knob(1.0, "drifting when the FIDI z-score exceeds this", threshold=True)
-    rule_threshold: float = knob(-1.5, "the symbolic rule calls a row fraud when V14 < this", threshold=True)
-    conflict_thr: float = knob(0.30, "a conflict: rule says fraud, model probability below this", threshold=True)
+    fidi_threshold: float = knob(1.0, "drifting when the FIDI z-score exceeds this", "[0, 1000000]",
+                                 threshold=True)
+    rule_threshold: float = knob(-1.5, "the symbolic rule calls a row fraud when V14 < this",
+                                 "[-1000000, 1000000]", threshold=True)
+    conflict_thr: float = knob(0.30, "a conflict: rule says fraud, model probability below this", "[0, 1]",
+                               threshold=True)
     conflict_min: int = knob(5, "heal when a batch has at least this many conflicts", "[0, 1000000000]",
                              threshold=True)
     # stream and heal
@@ -830,6 +833,16 @@ class EngineConfig(ArticleConfig):
                              "after it finishes (timing-dependent, so not reproducible)")
 
 
+def die_with_parent(parent: int) -> None:
+    """In a child process: end when the parent ends, however it ends (kill -9 gives it no chance to
+    stop its children), so that no orphan keeps computing, writing or holding --out's lock (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it ended before the request was made
+        os._exit(1)
+
+
 def use_one_torch_thread() -> None:
     """Tensors here are small: one thread per process is fastest, and leaves the other cores
     to the work that runs beside it (baseline training, plots, a heal worker, other seeds)."""
@@ -898,8 +911,9 @@ class ThreadHeals:
         self.future = None
 
 
-def heal_worker_loop(conn, model_arrays: dict, cfg: EngineConfig) -> None:
+def heal_worker_loop(conn, model_arrays: dict, cfg: EngineConfig, parent: int) -> None:
     """The heal worker process: heal or restore on request, reply with the outcome."""
+    die_with_parent(parent)
     use_one_torch_thread()
     model = SelfHealingMLP(cfg.hidden_dim)
     model.load_state_dict(from_arrays(model_arrays))
@@ -942,7 +956,7 @@ class ProcessHeals:
             context = multiprocessing.get_context("spawn")  # safe beside running threads, unlike fork
             self.conn, theirs = context.Pipe()
             self.process = context.Process(target=heal_worker_loop, name="heal-worker", daemon=True,
-                                           args=(theirs, to_arrays(self.model.state_dict()), self.cfg))
+                                           args=(theirs, to_arrays(self.model.state_dict()), self.cfg, os.getpid()))
             with ignoring_ctrl_c():
                 self.process.start()
             theirs.close()
@@ -1120,7 +1134,7 @@ class MeasurementConfig(EngineConfig):
     scenario: str = knob("article", "which drift the stream has", choices=SCENARIOS)
     heal_method: str = knob("heal", "what serves the stream (heal-rules: the heal with --supervision rules)",
                             choices=HEAL_METHODS)
-    shifted_fraud_ratio: float = knob(0.40, "fraud share of the prior scenario's stream", "(0, 1)")
+    shifted_fraud_ratio: float = knob(0.40, "fraud share of the prior scenario's stream", "[0.001, 0.999]")
     recurring_period: int = knob(5, "batches the recurring scenario's drift stays on, then off", "[1, 1000000]")
     covariate_tilt: float = knob(0.5, "covariate scenario: rows weighted by exp(-tilt * V14)", "[0, 5]")
     adapt_window: int = knob(5, "recent batches that restandardize, em-prior, rethreshold and retrain use",
@@ -1841,6 +1855,7 @@ def run_bench_cells(cfg: MeasurementConfig, cells: list[BenchCell],
     for cell in cells:
         seed_cfg = dataclasses.replace(cfg, seed=cell.seed)
         if cell.seed not in trained:
+            trained.clear()  # cells come seed by seed: an earlier seed's data and models are not needed again
             trained[cell.seed] = train_models(seed_cfg)
         if cell.scenario not in ceilings:
             ceilings[cell.scenario] = scenario_ceiling(cell.scenario, cfg)
@@ -1883,8 +1898,16 @@ def bench_spread(rows: list[BenchRow]) -> dict:
 # Every file is written whole or not at all. Uses Parts I to III.
 
 def _num(value, spec: str) -> str:
-    """A number formatted by spec, or '-' when missing or not finite."""
-    return "-" if value is None or not math.isfinite(value) else format(value, spec)
+    """A number formatted by spec, or '-' when missing or not finite; never "-0.00" for a value that
+    rounds to zero."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    text = format(value, spec)
+    return format(0.0, spec) if text.lstrip("+-").strip("0.,%") == "" else text
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _accuracy(m: Optional[Metrics]) -> Optional[float]:
@@ -2072,7 +2095,7 @@ def report(run: Run, e: Evaluation, full_table: bool = False) -> list[str]:
         f"on the holdout it costs {cost_per_1000(e.healed_at_cost_threshold, cfg):,.0f} per 1,000 rows "
         f"(at 0.5: {e.holdout_rows['healed'].cost:,.0f}).",
         break_even_line(e.drift_rows["healed"].metrics, e.drift_rows["no_healing"].metrics, cfg),
-        f"Registry: {run.registry.saved} snapshots saved, {len(run.registry.snapshots)} retained "
+        f"Registry: {_count(run.registry.saved, 'snapshot')} saved, {len(run.registry.snapshots)} retained "
         f"(clean, best {cfg.keep_best}, last {cfg.keep_last}). Events: " +
         ", ".join(f"{v} {k}" for k, v in log.counts.items()) + ".",
     ]
@@ -2104,20 +2127,25 @@ def umask() -> int:
 def atomic_file(path: Path, binary: bool = False):
     """A file written under a temporary name beside its target (.NAME.PID.RANDOM.tmp) and renamed into
     place when the block ends without an error: readers never see half a file, and a failed run leaves
-    the previous one as it was."""
+    the previous one as it was. The writer holds a lock on the temporary file while it lives, which is
+    how a later run tells a dead writer's leftovers from a live one's (a PID can be reused)."""
+    import fcntl
     path = Path(path)
     text = {} if binary else dict(encoding="utf-8", newline="")
     f = tempfile.NamedTemporaryFile("wb" if binary else "w", dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
                                     suffix=".tmp", delete=False, **text)
     try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         os.chmod(f.name, 0o666 & ~umask())  # as an ordinary file would be, not tempfile's owner-only 0600
         yield f
         f.close()
         os.replace(f.name, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):  # a full disk fails the last flush too; the file goes all the same
             f.close()
         Path(f.name).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # say which file could not be written
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
 
 
@@ -2129,23 +2157,43 @@ def write_atomic(path: Path, text: str) -> None:
 TEMPORARY_NAME = re.compile(r"\..+\.(\d+)\.[a-z0-9_]{8}\.tmp")  # atomic_file's: .NAME.PID.RANDOM.tmp
 
 
-def _process_alive(pid: int) -> bool:
+def take_lock(path: Path, shared: bool = False, wait: bool = False, create: bool = True) -> int:
+    """A lock on path (created if need be), held until its descriptor is closed; the kernel drops it
+    when the process dies, however it dies. The file is opened for writing: where flock is emulated
+    by fcntl locks (NFS), an exclusive lock needs that. BlockingIOError when it is held elsewhere."""
+    import fcntl
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def held_elsewhere(path: Path) -> bool:
+    try:
+        os.close(take_lock(path))
+    except BlockingIOError:
+        return True
+    return False
+
+
+def abandoned(temporary: Path) -> bool:
+    """Whether no process holds the lock its writer keeps on a temporary file: its writer is gone."""
+    try:
+        os.close(take_lock(temporary, create=False))
+    except OSError:  # held (BlockingIOError), gone already, or not ours to open
         return False
-    except (PermissionError, OverflowError):
-        return pid < 2 ** 22  # someone else's process (or a number no process can have)
     return True
 
 
 def remove_stale_temporaries(directory: Path) -> int:
     """Remove what a killed run (kill -9 leaves no chance to clean up) left in directory: temporary
-    files of atomic_file whose process is gone. Returns how many."""
+    files of atomic_file whose writer is gone. Returns how many."""
     removed = 0
     for path in directory.iterdir() if directory.is_dir() else ():
-        match = TEMPORARY_NAME.fullmatch(path.name)
-        if match and not _process_alive(int(match[1])):
+        if TEMPORARY_NAME.fullmatch(path.name) and abandoned(path):
             path.unlink(missing_ok=True)
             removed += 1
     return removed
@@ -2363,7 +2411,7 @@ def _mean_pm(s: Spread, spec: str) -> str:
     if not math.isfinite(s.mean):
         return "-"
     half = (s.high - s.low) / 2
-    return f"{format(s.mean, spec)} +-{format(half, spec.lstrip('+'))}" if half > 0 else format(s.mean, spec)
+    return f"{_num(s.mean, spec)} +-{_num(half, spec.lstrip('+'))}" if half > 0 else _num(s.mean, spec)
 
 
 def _detection_note(rows: list[BenchRow], scenario: str) -> str:
@@ -2453,8 +2501,20 @@ def read_json_file(path, what: str):
 
     def no_constants(name):
         raise ConfigError(f"{what} {path} holds {name}, which is not a finite number")
+
+    def bounded_int(digits):  # Python refuses ints of more than 4,300 digits with a ValueError of its own
+        if len(digits) > 30:
+            raise ConfigError(f"{what} {path} holds an integer of {len(digits):,} digits")
+        return int(digits)
+
+    def finite_float(text):  # 1e999 parses as infinity
+        value = float(text)
+        if not math.isfinite(value):
+            no_constants(_short(text))
+        return value
     try:
-        return json.loads(raw.decode("utf-8-sig"), parse_constant=no_constants)
+        return json.loads(raw.decode("utf-8-sig"), parse_constant=no_constants, parse_int=bounded_int,
+                          parse_float=finite_float)
     except UnicodeDecodeError:
         raise ConfigError(f"{what} {path} is not UTF-8 text") from None
     except json.JSONDecodeError as e:
@@ -2469,6 +2529,11 @@ def read_cells(directory: Path, cells: list[BenchCell], cfg: MeasurementConfig) 
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ConfigError(f"--merge: {len(missing)} of {len(cells)} cells missing in {directory}: {shown}")
+    expected = {f"{c.name}.json" for c in cells}
+    others = sorted(p.name for p in directory.glob("cell-*.json") if p.name not in expected)
+    if others:
+        raise ConfigError(f"--merge: {directory} also holds {len(others)} cells that these flags do not make "
+                          f"(such as {others[0]}): give the --seed and --seeds the shards ran with")
     rows, fingerprint = [], _json_safe(bench_fingerprint(cfg))
     for c in cells:
         path = directory / f"{c.name}.json"
@@ -2487,8 +2552,30 @@ def read_cells(directory: Path, cells: list[BenchCell], cfg: MeasurementConfig) 
             raise ConfigError(f"--merge: {path} holds another cell than its name says")
         if not same_flags:
             raise ConfigError(f"--merge: {path} was made by a bench with other flags")
+        if not possible(row):
+            raise ConfigError(f"--merge: {path} holds figures no bench can produce")
         rows.append(row)
     return rows
+
+
+def possible(row: BenchRow) -> bool:
+    """Shares within [0, 1] (or missing), costs and rates not negative, kappa at most 1."""
+    shares = (row.accuracy, row.f1, row.roc_auc, row.bayes_accuracy, row.bayes_auc)
+    amounts = (row.cost, row.none_cost, row.bayes_cost, row.adaptations_per_1000)
+    return (all(math.isnan(v) or 0 <= v <= 1 for v in shares) and all(v >= 0 for v in amounts)
+            and (math.isnan(row.kappa) or row.kappa <= 1))
+
+
+def foreign_cells(directory: Path, cells: list[BenchCell], cfg: MeasurementConfig) -> list[Path]:
+    """The files of these cells that a bench with other flags wrote (a shard must not count them as done)."""
+    fingerprint, foreign = _json_safe(bench_fingerprint(cfg)), []
+    for c in cells:
+        path = directory / f"{c.name}.json"
+        if path.is_file():
+            entry = read_json_file(path, "bench cell")
+            if not isinstance(entry, dict) or entry.get("config") != fingerprint:
+                foreign.append(path)
+    return foreign
 
 
 # -- Plots
@@ -2636,7 +2723,7 @@ def plot_registry(plt, d: PlotData):
     if best is not None:
         ax.plot([best.version], [best.f1], "*", ms=13, color=COLORS["threshold"],
                 label=f"rollback target now v{best.version} (batch {best.batch}, F1 {best.f1:.3f})")
-    ax.set(title=f"Registry: {d.snapshots_saved} snapshots by version (F1 on their batch)",
+    ax.set(title=f"Registry: {_count(d.snapshots_saved, 'snapshot')} by version (F1 on their batch)",
            xlabel="version (v1 = clean)", ylabel="F1", ylim=(0, 1.02))
     ax.grid(alpha=0.3)
     _legend_below(ax, ncol=2)
@@ -2685,7 +2772,12 @@ PLOTS = {"01_accuracy.png": plot_accuracy, "02_lift.png": plot_lift, "03_fidi_zs
 
 
 def pyplot():
-    """matplotlib, imported only when a plot is drawn (it costs about 0.3 s)."""
+    """matplotlib, imported only when a plot is drawn (it costs about 0.3 s). Its backend is Agg
+    whatever MPLBACKEND says (the plots are files), and its notes about a home folder it cannot
+    write to are not shown (it works in a temporary one)."""
+    import logging
+    os.environ["MPLBACKEND"] = "agg"
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -2761,12 +2853,23 @@ def plot_bench(rows: list[BenchRow], directory: Path) -> Path:
 WORKER_PROGRESS = None  # in a pool worker: the queue it tells each finished piece of work to
 
 
-def worker_setup(progress=None) -> None:
-    """Every pool worker: one torch thread, and Ctrl-C ignored (the parent stops its workers)."""
+def worker_setup(parent: int, progress=None) -> None:
+    """Every pool worker: it dies with its parent, ignores Ctrl-C (the parent stops its workers), uses
+    one torch thread, and leaves without waiting for a heal it abandoned (which could abort it)."""
     global WORKER_PROGRESS
+    die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     use_one_torch_thread()
     WORKER_PROGRESS = progress
+    import atexit
+    atexit.register(leave_if_a_heal_is_running)
+
+
+def leave_if_a_heal_is_running() -> None:
+    """An interpreter that shuts down under a heal thread still inside torch aborts ("terminate called
+    without an active exception"): leave at once instead; everything worth keeping is sent already."""
+    if any(t.name == "heal" and t.is_alive() for t in threading.enumerate()):
+        os._exit(0)
 
 
 @contextlib.contextmanager
@@ -2777,7 +2880,7 @@ def process_pool(workers: int, method: str, progress=None):
     not do: it waits for them."""
     import multiprocessing
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=worker_setup,
-                               initargs=(progress,))
+                               initargs=(os.getpid(), progress))
     try:
         yield pool
     except BaseException:
@@ -2927,26 +3030,35 @@ def run_kind(cfg: Config) -> str:
     return "article" if (cfg.scenario, cfg.heal_method) == ARTICLE_RUN else "scenario"
 
 
-def memory_estimate(cfg: Config) -> float:
-    """Bytes the run will hold at its peak, from measured constants: a process with torch imported
-    takes about 300 MiB; drawing the data holds about 250 bytes per row (float64 draws, then float32);
-    the network is copied about 16 times (two models, optimizers, heal copies) plus its snapshots."""
+PROCESS_BASE = 300 * 2 ** 20  # resident bytes of a Python process with torch imported
+
+
+def memory_estimate(cfg: Config) -> tuple[float, int]:
+    """Bytes one process will hold for the run's data and models at its peak, beyond PROCESS_BASE, and
+    how many processes hold that, from constants measured here: drawing the data holds about 250 bytes
+    per row (float64 draws, then float32); the network is copied about 16 times (two models,
+    optimizers, heal copies) plus its snapshots."""
     h = cfg.hidden_dim
     parameters = 3 * h * h + 16 * h
     rows = cfg.n_train + cfg.n_test + 2 * cfg.n_drift + 4 * cfg.batch_size
-    per_process = 300 * 2 ** 20 + 250 * rows + 4 * parameters * (16 + cfg.keep_best + cfg.keep_last)
-    processes = 1 + (min(cfg.seeds, os.cpu_count() or 1) if cfg.bench or cfg.seeds > 1 else 0)
-    return float(per_process * processes)
+    per_process = 250 * rows + 4 * parameters * (16 + cfg.keep_best + cfg.keep_last)
+    return float(per_process), 1 + (min(cfg.seeds, os.cpu_count() or 1) if cfg.bench or cfg.seeds > 1 else 0)
 
 
-def available_memory() -> Optional[float]:
-    """Bytes of memory this machine has free now (Linux), or None where that cannot be read."""
-    try:
+def memory_limits() -> tuple[Optional[float], Optional[float]]:
+    """What the machine has free now (Linux), and what this process may still add to its address
+    space under `ulimit -v`; None where there is no such limit or it cannot be read."""
+    free = room = None
+    with contextlib.suppress(OSError, KeyError, ValueError, IndexError):
         with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return float(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError, IndexError):
-        return None
+            free = float(dict(line.split(":", 1) for line in f)["MemAvailable"].split()[0]) * 1024
+    import resource
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit != resource.RLIM_INFINITY:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open("/proc/self/statm") as f:
+                room = limit - int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    return free, room
 
 
 INTERVAL = re.compile(r"([\[(])(-?[\d.e+]+|-inf), (-?[\d.e+]+|inf)([\])])")
@@ -2979,6 +3091,8 @@ def validate(cfg: Config) -> Config:
             fail(f.name, rule_words(rule))
         if choices is not None and value not in choices:
             fail(f.name, f"one of {', '.join(choices)}")
+    if not cfg.out.strip():
+        fail("out", "a folder (empty names none)")
     for name in ("n_train", "n_test", "n_drift"):
         n = getattr(cfg, name)
         if not 0 < int(n * cfg.fraud_ratio) < n:
@@ -2997,11 +3111,15 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("--async-apply needs a heal that runs beside the stream: --heal-worker thread or process")
     if cfg.seed + cfg.seeds - 1 > SEED_MAX:
         raise ConfigError(f"--seed {cfg.seed} with --seeds {cfg.seeds} runs past the largest seed, {SEED_MAX:,}")
-    needed, available = memory_estimate(cfg), available_memory()
-    if available and needed > 0.8 * available:
-        raise ConfigError(f"these sizes need about {needed / 2 ** 30:,.1f} GiB (estimated: 300 MiB per process, "
-                          f"250 bytes per data row, 16 + --keep-best + --keep-last copies of the network), more "
-                          f"than 80% of the {available / 2 ** 30:,.1f} GiB this machine has free")
+    per_process, processes = memory_estimate(cfg)
+    needed, (free, room) = (PROCESS_BASE + per_process) * processes, memory_limits()
+    how = "estimated: 300 MiB per process, 250 bytes per data row, 16 + --keep-best + --keep-last copies of the network"
+    if free and needed > 0.8 * free:
+        raise ConfigError(f"these sizes need about {needed / 2 ** 30:,.1f} GiB ({how}), more than 80% of the "
+                          f"{free / 2 ** 30:,.1f} GiB this machine has free")
+    if room is not None and per_process > 0.8 * room:
+        raise ConfigError(f"these sizes need about {per_process / 2 ** 30:,.1f} GiB more in this process ({how}), "
+                          f"more than 80% of the {max(room, 0) / 2 ** 30:,.2f} GiB that its limit (ulimit -v) leaves")
     return cfg
 
 
@@ -3041,6 +3159,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def integer(text: str) -> int:
+    """A flag's integer: ASCII digits only (int() would also take '1_0' and other scripts' digits)."""
+    if not re.fullmatch(r"[+-]?[0-9]+", text):
+        raise ValueError(text)
+    return int(text)
+
+
+def number(text: str) -> float:
+    """A flag's number, written as Python writes floats, in ASCII digits without underscores."""
+    if not re.fullmatch(r"[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|inf(inity)?|nan)", text, re.IGNORECASE):
+        raise ValueError(text)
+    return float(text)
+
+
 CONFIG_GROUPS = (ArticleConfig, EngineConfig, MeasurementConfig, Config)  # --help's groups, in this order
 
 
@@ -3067,7 +3199,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
             if f.type == "bool":
                 group.add_argument("--" + name.replace("_", "-"), action="store_true", help=flag_help(f), **default)
             else:
-                kind = {"int": int, "float": float, "str": str}[f.type]
+                kind = {"int": integer, "float": number, "str": str}[f.type]
                 group.add_argument("--" + name.replace("_", "-"), type=kind, choices=f.metadata["choices"],
                                    metavar=None if f.metadata["choices"] else name.upper(), help=flag_help(f),
                                    **default)
@@ -3152,6 +3284,10 @@ def run_bench(cfg: Config, out: Path, console: Callable[[str], None], merged: li
     if cfg.shard:
         k, n = parse_shard(cfg.shard)
         mine = shard_cells(cells, k, n)
+        foreign = foreign_cells(cell_dir, mine, cfg)
+        if foreign:
+            raise ConfigError(f"{cell_dir} holds {len(foreign)} cells of a bench with other flags (such as "
+                              f"{foreign[0].name}): merge them with those flags, or move them away, first")
         todo = [c for c in mine if not (cell_dir / f"{c.name}.json").is_file()]
         console(f"Shard {k}/{n}: {len(mine)} of {len(cells)} cells, {len(mine) - len(todo)} already written, "
                 f"writing the rest to {cell_dir}")
@@ -3195,28 +3331,6 @@ def output_plan(cfg: Config) -> dict:
 LOCK_NAME = ".self_healing.lock"  # in --out: every run that writes there holds it, shards of one bench together
 
 
-def take_lock(path: Path, shared: bool = False, wait: bool = False) -> int:
-    """A lock on path (created if need be), held until its descriptor is closed; the kernel drops it
-    when the process dies, however it dies. The file is opened for writing: where flock is emulated
-    by fcntl locks (NFS), an exclusive lock needs that. BlockingIOError when it is held elsewhere."""
-    import fcntl
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def held_elsewhere(path: Path) -> bool:
-    try:
-        os.close(take_lock(path))
-    except BlockingIOError:
-        return True
-    return False
-
-
 def bench_lock_name(cfg: Config) -> str:
     """The shared lock of one bench's shards, named after the flags its cells depend on."""
     flags = json.dumps(_json_safe(bench_fingerprint(cfg)), sort_keys=True)
@@ -3235,7 +3349,8 @@ def claim_out(cfg: Config) -> list[int]:
     out, created, locks = Path(cfg.out), [], []
     shard = run_kind(cfg) == "shard"
     try:
-        for folder in [out, *(out / name for name in plan)]:
+        missing_parents = [folder for folder in reversed(out.parents) if not folder.exists()]
+        for folder in [*missing_parents, out, *(out / name for name in plan)]:
             if not folder.exists():
                 folder.mkdir()
                 created.append(folder)
@@ -3257,7 +3372,7 @@ def claim_out(cfg: Config) -> list[int]:
                 locks.append(take_lock(mine, shared=True))
         finally:
             os.close(admission)
-        for name in plan:
+        for name in ("monitoring_export", "plots", "bench_cells"):  # every folder a run may write in
             remove_stale_temporaries(out / name)
         return locks
     except BlockingIOError:
@@ -3277,66 +3392,97 @@ def claim_out(cfg: Config) -> list[int]:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised as an exception so that every finally block cleans up on the way out."""
+    """SIGTERM or SIGHUP, raised as an exception so that every finally block cleans up on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.status = 128 + signum
 
 
 def _raise_terminated(signum, frame):
-    raise Terminated()
+    raise Terminated(signum)
+
+
+STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def stopping_cleanly():
+    """SIGTERM and SIGHUP stop the run as Ctrl-C does (a finally block cleans up on the way out); once
+    it is stopping, more of them are ignored, so that the cleanup is never cut short."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {}
+    if in_main_thread:
+        previous = {sig: signal.getsignal(sig) for sig in STOPPING_SIGNALS}
+        if previous[signal.SIGINT] is _interrupted_before_main:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _raise_terminated)
+        signal.signal(signal.SIGHUP, _raise_terminated)
+    try:
+        yield
+    except KeyboardInterrupt:
+        if in_main_thread:
+            for sig in STOPPING_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def error_line(text: str) -> None:
-    try:
+    with contextlib.suppress(OSError, ValueError):
         print(f"self_healing_production_final.py: error: {text}", file=sys.stderr, flush=True)
-    except (OSError, ValueError):
-        pass
+
+
+LEFT_AS_THEY_WERE = "exports and plots already in place are left as they were"
 
 
 def main(argv: list[str] = None) -> int:
     """Exit status: 0 done (also when standard output was closed early, as by `| head`: the
-    outputs are written all the same), 1 outputs or standard output could not be written,
-    2 a user mistake, 130 Ctrl-C, 143 SIGTERM."""
-    if signal.getsignal(signal.SIGINT) is _interrupted_before_main:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C cleans up on its way out
+    outputs are written all the same), 1 outputs or standard output could not be written, a worker
+    died or memory ran out, 2 a user mistake, 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP."""
+    for stream in (sys.stdout, sys.stderr):  # a path or value the terminal cannot encode is escaped, not fatal
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
+    locks, console = [], Console()
     try:
-        cfg = parse_config(sys.argv[1:] if argv is None else argv)
-        # a merge checks every cell before it creates anything
-        cells = bench_cells(cfg.seed, cfg.seeds)
-        merged = read_cells(Path(cfg.out) / "bench_cells", cells, cfg) if cfg.merge else None
-        locks = claim_out(cfg)
+        with stopping_cleanly():
+            cfg = parse_config(sys.argv[1:] if argv is None else argv)
+            # a merge checks every cell before it creates anything
+            cells, out = bench_cells(cfg.seed, cfg.seeds), Path(cfg.out)
+            merged = read_cells(out / "bench_cells", cells, cfg) if cfg.merge else None
+            locks = claim_out(cfg)
+            use_one_torch_thread()
+            kind = run_kind(cfg)
+            if kind in ("bench", "shard"):
+                code = run_bench(cfg, out, console, merged)
+            elif kind == "sweep":
+                run_seed_sweep(cfg, console)
+                code = 0
+            elif kind == "scenario":
+                code = run_scenario(cfg, console)
+            else:
+                code = run_article(cfg, out, console)
     except ConfigError as e:
         error_line(str(e))
         return 2
-    use_one_torch_thread()
-    console, out = Console(), Path(cfg.out)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous_term = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
-    try:
-        kind = run_kind(cfg)
-        if kind in ("bench", "shard"):
-            code = run_bench(cfg, out, console, merged)
-        elif kind == "sweep":
-            run_seed_sweep(cfg, console)
-            code = 0
-        elif kind == "scenario":
-            code = run_scenario(cfg, console)
-        else:
-            code = run_article(cfg, out, console)
-    except ConfigError as e:
-        error_line(str(e))
-        return 2
-    except Terminated:
-        error_line("terminated: exports and plots already in place are left as they were")
-        return 143
+    except Terminated as e:
+        error_line(f"stopped by {signal.Signals(e.status - 128).name}: {LEFT_AS_THEY_WERE}")
+        return e.status
     except KeyboardInterrupt:
-        error_line("interrupted: exports and plots already in place are left as they were")
+        error_line(f"interrupted: {LEFT_AS_THEY_WERE}")
         return 130
+    except concurrent.futures.process.BrokenProcessPool:
+        error_line(f"a worker process died (killed, or out of memory?); {LEFT_AS_THEY_WERE}")
+        return 1
+    except MemoryError:
+        error_line(f"out of memory (smaller sizes, or fewer --seeds at once, need less); {LEFT_AS_THEY_WERE}")
+        return 1
     except OSError as e:
-        error_line(f"cannot write {e.filename or 'the outputs'}: {e.strerror or e}; "
-                   f"exports already in place are left as they were")
+        error_line(f"cannot write {e.filename or 'the outputs'}: {e.strerror or e}; {LEFT_AS_THEY_WERE}")
         return 1
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous_term)
         for fd in locks:
             os.close(fd)
     if console.failure is not None and not isinstance(console.failure, BrokenPipeError):
@@ -3348,13 +3494,12 @@ def main(argv: list[str] = None) -> int:
 
 def exit_process(code: int) -> None:
     """Exit with code. A heal abandoned to its thread (timed out, or cut short by Ctrl-C) may still be
-    inside torch, and an interpreter that shuts down under it aborts (exit 134): then leave at once."""
-    if any(t.name == "heal" and t.is_alive() for t in threading.enumerate()):
+    inside torch, and an interpreter that shuts down under it aborts (exit 134); a stopped run has
+    stopped its workers already. Then leave at once."""
+    if code >= 128 or any(t.name == "heal" and t.is_alive() for t in threading.enumerate()):
         for stream in (sys.stdout, sys.stderr):
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 stream.flush()
-            except (OSError, ValueError):
-                pass
         os._exit(code)
     sys.exit(code)
 

@@ -144,13 +144,18 @@ def test_a_killed_parent_leaves_no_worker_and_no_noise(tmp_path):
     assert _temporaries(tmp_path) == [], "the next run removes them"
 
 
-def test_stale_temporaries_of_live_processes_are_kept(tmp_path):
-    live, dead = tmp_path / f".metrics.csv.{os.getpid()}.0123abcd.tmp", tmp_path / ".events.json.4194303.0123abcd.tmp"
-    live.write_text("")
+def test_stale_temporaries_are_told_by_their_writers_lock_not_their_pid(tmp_path):
+    """A temporary whose writer is alive (it holds the lock) is kept; one nobody holds goes, whatever
+    PID its name carries (in a container every run is PID 1, so a name can name a live process)."""
+    dead = tmp_path / ".metrics.csv.1.0123abcd.tmp"
     dead.write_text("")
     (tmp_path / ".notes.tmp").write_text("")  # not ours
-    assert shp.remove_stale_temporaries(tmp_path) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, ".notes.tmp"])
+    with pytest.raises(KeyboardInterrupt):
+        with shp.atomic_file(tmp_path / "events.json") as live:
+            assert shp.remove_stale_temporaries(tmp_path) == 1
+            assert sorted(p.name for p in tmp_path.iterdir()) == sorted([os.path.basename(live.name), ".notes.tmp"])
+            raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.iterdir()] == [".notes.tmp"]
 
 
 @pytest.mark.slow
