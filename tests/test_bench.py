@@ -42,7 +42,7 @@ class Spy:
     prediction depends on no other row of its batch (nothing was learned from the batch first)."""
 
     def __init__(self, inner, log):
-        self.inner, self.log = inner, log
+        self.inner, self.log, self.predicted = inner, log, set()  # batches predicted since the last adapt
         self.uses_labels = inner.uses_labels
 
     def predict(self, X):
@@ -50,13 +50,14 @@ class Spy:
         assert np.allclose(out, np.concatenate([self.inner.predict(X[:7]), self.inner.predict(X[7:])]), atol=1e-6), \
             "a prediction depends on the rest of its batch"
         self.log.append(("predict", id(X), out.copy()))
+        self.predicted.add(id(X))
         return out
 
     def adapt(self, X, y):
-        assert self.log[-1][:2] == ("predict", id(X)), "adapted on a batch before predicting it"
-        assert y is None or self.uses_labels
+        assert id(X) in self.predicted, "adapted on a batch before predicting it"
+        assert y is None or self.uses_labels, "a label-free method was handed labels"
         self.inner.adapt(X, y)
-        self.log.append(("adapt", id(X), None))
+        self.predicted.clear()
 
     def flag_threshold(self):
         return self.inner.flag_threshold()
@@ -70,11 +71,19 @@ class Spy:
 
 
 def _predictions(monkeypatch, scenario, method, trained, cfg, scramble=False):
-    log = []
+    """What the method served on each batch, every method it runs (select's candidates too) spied on;
+    with scramble, every label of the stream is flipped."""
+    log, candidates = [], []
     real_make, real_batches = shp.make_method, shp.scenario_batches
-    monkeypatch.setattr(shp, "make_method", lambda *a: Spy(real_make(*a), log))
-    if scramble:
-        monkeypatch.setattr(shp, "scenario_batches", lambda *a: ((X, 1 - y) for X, y in real_batches(*a)))
+
+    def spied(*args):
+        outer = not candidates
+        candidates.append(args[0])
+        return Spy(real_make(*args), log if outer else [])
+    monkeypatch.setattr(shp, "make_method", spied)
+    scrambled = set(range(1, cfg.n_batches + 1)) if scramble is True else set(scramble or ())
+    monkeypatch.setattr(shp, "scenario_batches", lambda *a: ((X, 1 - y if t in scrambled else y)
+                                                             for t, (X, y) in enumerate(real_batches(*a), start=1)))
     shp.bench_cell(scenario, method, trained, cfg, shp.scenario_ceiling(scenario, cfg))
     monkeypatch.undo()
     return [out for kind, _, out in log if kind == "predict"]
@@ -90,7 +99,7 @@ def test_every_method_predicts_each_batch_before_adapting_on_it(method, small_tr
             monkeypatch, "offset", "none", small_trained, cfg))), "the method does adapt"
 
 
-@pytest.mark.parametrize("method", ["none", "heal-rules", "restandardize", "tent", "em-prior"])
+@pytest.mark.parametrize("method", ["none", "calibrated", "heal-rules", "restandardize", "tent", "em-prior"])
 def test_label_free_methods_are_unchanged_when_every_label_is_scrambled(method, small_trained, monkeypatch):
     cfg = shp.bench_config(shp.Config(**SMALL))
     true = _predictions(monkeypatch, "article", method, small_trained, cfg)
@@ -274,7 +283,7 @@ def test_a_bench_tells_its_progress_on_standard_error_only(tmp_path, capsys):
     captured = capsys.readouterr()
     n = len(shp.SCENARIOS) * len(shp.HEAL_METHODS)
     lines = captured.err.splitlines()
-    assert lines[0].startswith("progress: bench 1 of 56 cells,") and lines[-1].startswith(f"progress: bench {n} of {n}")
+    assert lines[0].startswith(f"progress: bench 1 of {n} cells,") and lines[-1].startswith(f"progress: bench {n} of {n}")
     assert all(line.startswith("progress: bench ") for line in lines)
     assert "progress" not in captured.out and "Scenario bench:" in captured.out
 
@@ -289,3 +298,66 @@ def test_progress_shows_at_most_every_few_seconds_then_when_done(monkeypatch, ca
     assert [line.split(",")[0] for line in lines] == ["progress: bench 1 of 5 cells", "progress: bench 4 of 5 cells",
                                                        "progress: bench 5 of 5 cells"]
     assert "about 2 s left" in lines[1] and "6 s elapsed" in lines[1]
+
+
+def test_select_reads_each_label_only_once_it_has_arrived(small_trained, monkeypatch):
+    """Labels arrive --label-delay batches late, for select and every candidate it runs: flipping the
+    labels of the last K batches (which never arrive) changes nothing it serves, and flipping batch
+    3's changes nothing served before batch 3 + K + 1."""
+    k = 2
+    cfg = shp.bench_config(shp.Config(**SMALL, label_delay=k))
+    true = _predictions(monkeypatch, "offset", "select", small_trained, cfg)
+    late = _predictions(monkeypatch, "offset", "select", small_trained, cfg,
+                        scramble=range(cfg.n_batches - k + 1, cfg.n_batches + 1))
+    assert len(true) == cfg.n_batches and all(np.array_equal(a, b) for a, b in zip(true, late))
+    third = _predictions(monkeypatch, "offset", "select", small_trained, cfg, scramble=[3])
+    assert all(np.array_equal(a, b) for a, b in zip(true[:3 + k], third[:3 + k]))
+
+
+def test_select_changes_champion_only_on_evidence(small_trained):
+    """On a stationary stream it keeps serving the calibrated model; when one candidate is far cheaper
+    batch after batch, it takes over once select_window's test allows."""
+    cfg = shp.bench_config(shp.Config(**{**SMALL, "n_batches": 12}, label_delay=1))
+    select = shp.Select(small_trained, cfg)
+    select.costs = {name: __import__("collections").deque([100.0, 101.0, 99.0], maxlen=10) for name in select.costs}
+    assert select.best_challenger() is None, "no evidence: the champion stays"
+    select.costs["retrain"] = __import__("collections").deque([10.0, 12.0, 11.0], maxlen=10)
+    assert select.best_challenger() == "retrain"
+    select.costs["retrain"] = __import__("collections").deque([10.0, 190.0, 11.0], maxlen=10)
+    assert select.best_challenger() is None, "one cheap batch in three is noise"
+    select.close()
+
+
+def test_calibration_recovers_a_known_temperature_and_bias():
+    rng = np.random.RandomState(4)
+    z = rng.normal(0, 3, 20_000)
+    y = (rng.rand(len(z)) < 1 / (1 + np.exp(-(0.4 * z - 1.2)))).astype(float)
+    a, b = shp.fit_bcts(z, y)
+    assert abs(a - 0.4) < 0.03 and abs(b + 1.2) < 0.06
+
+
+def test_calibrated_serving_costs_less_than_the_raw_model_where_nothing_drifts(default_trained):
+    cfg = shp.bench_config(shp.Config())
+    ceiling = shp.scenario_ceiling("stationary", cfg)
+    none, calibrated = (shp.bench_cell("stationary", m, default_trained, cfg, ceiling) for m in ("none", "calibrated"))
+    assert calibrated.cost < none.cost and calibrated.adaptations_per_1000 == 0
+
+
+@pytest.mark.parametrize("scenario", ["gradual", "recurring"])
+def test_row_only_ceiling_matches_monte_carlo_of_the_pooled_law(scenario):
+    """A scorer that sees rows but not their batch: the Bayes rule of the pooled law, no better."""
+    cfg = shp.Config(n_batches=8, recurring_period=2)
+    rng = np.random.RandomState(23)
+    rows = [shp.draw_rows(rng, 17_000, 3_000, shp.scenario_law(scenario, t, cfg)) for t in range(1, 9)]
+    X, y = np.concatenate([r.X for r in rows]), np.concatenate([r.y for r in rows])
+    laws = [shp.scenario_law(scenario, t, cfg) for t in range(1, 9)]
+    v = X[:, shp.V14].astype(np.float64)
+    fraud = sum(law.fraud_share * np.exp(shp._log_pdf(v, law.fraud_v14)) for law in laws)
+    normal = sum((1 - law.fraud_share) * np.exp(shp._log_pdf(v, law.normal_v14)) for law in laws)
+    posterior = fraud / (fraud + normal)
+    ceiling = shp.row_only_ceiling(laws, cfg)
+    assert abs(ceiling.accuracy - np.mean((posterior > 0.5) == (y == 1))) < 0.005
+    assert abs(ceiling.roc_auc - shp.roc_auc(y, posterior)) < 0.005
+    assert ceiling.cost > shp.bayes_ceiling(laws, cfg).cost, "knowing the batch is worth something"
+    single = [shp.scenario_law("article", 1, cfg)]
+    assert shp.row_only_ceiling(single, cfg).cost == pytest.approx(shp.bayes_ceiling(single, cfg).cost, rel=1e-6)

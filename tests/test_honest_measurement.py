@@ -195,3 +195,15 @@ def test_bootstrap_interval_contains_the_mean():
     values = np.array([1.0, 2.0, 3.0, 4.0, 10.0])
     low, high = shp.bootstrap_interval(values)
     assert low < values.mean() < high and low >= 1.0 and high <= 10.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(scores, st.sampled_from([0.0, 1.0, 200.0, 5000.0]), st.sampled_from([0.0, 1.0, 200.0]))
+def test_cost_optimal_threshold_is_the_cheapest_candidate(rows, fn_cost, fp_cost):
+    """The one-sort threshold equals trying every candidate, lowest on ties."""
+    y = np.array([r[0] for r in rows], dtype=float)
+    s = np.array([r[1] / 6 for r in rows])
+    cfg = shp.Config(fn_cost=fn_cost, fp_cost=fp_cost)
+    candidates = np.concatenate([[-np.inf], np.unique(s)])
+    costs = [shp.cost_per_1000(shp.metrics_at(y, s, t), cfg) for t in candidates]
+    assert shp.cost_optimal_threshold(y, s, cfg) == candidates[int(np.argmin(costs))]
