@@ -376,6 +376,11 @@ class FIDIMonitor:
     def drifting(self, z: float) -> bool:
         return z > self.threshold
 
+    def check(self, X: np.ndarray, proba: np.ndarray) -> tuple[float, bool]:
+        """What the stream asks of its drift detector at each batch: a score, and whether it is drifting."""
+        z = self.update(X[:, V14])
+        return z, self.drifting(z)
+
 
 def rule_labels(X: np.ndarray, cfg: ArticleConfig) -> np.ndarray:
     """The symbolic rule: fraud when V14 is below the rule threshold."""
@@ -655,13 +660,14 @@ def admit_every_batch(X: np.ndarray) -> Optional[str]:
 class SelfHealingStream:
     """Serves each batch, watches for drift, heals, keeps versions, rolls back.
 
-    What the heal learns from (supervision), where and when it runs (healer) and which
-    batches are served at all (gate) are handed in; the loop is the same whatever they are.
+    What watches for drift (detector), what the heal learns from (supervision), where and when it
+    runs (healer) and which batches are served at all (gate) are handed in; the loop is the same
+    whatever they are.
     """
 
-    def __init__(self, model: SelfHealingMLP, shadow: nn.Module, baseline: nn.Module, fidi: FIDIMonitor,
+    def __init__(self, model: SelfHealingMLP, shadow: nn.Module, baseline: nn.Module, detector: FIDIMonitor,
                  cfg: ArticleConfig, supervision=None, healer=InlineHealer, gate=admit_every_batch):
-        self.model, self.shadow, self.baseline, self.fidi, self.cfg = model, shadow, baseline, fidi, cfg
+        self.model, self.shadow, self.baseline, self.detector, self.cfg = model, shadow, baseline, detector, cfg
         self.supervision = supervision or LabelSupervision()
         self.healer = healer(model, cfg)  # built on the served model
         self.gate = gate
@@ -690,8 +696,7 @@ class SelfHealingStream:
         record.served = metrics_at(y, served_proba)
         record.shadow = metrics_at(y, predict_proba(self.shadow, X))
         record.baseline = metrics_at(y, predict_proba(self.baseline, X))
-        record.z = self.fidi.update(X[:, V14])
-        record.drifting = self.fidi.drifting(record.z)
+        record.z, record.drifting = self.detector.check(X, served_proba)
         rule = rule_labels(X, cfg)
         record.conflicts = int(conflicts(rule, served_proba, cfg).sum())
         wants_heal = record.drifting or record.conflicts >= cfg.conflict_min
@@ -775,12 +780,13 @@ class Experiment:
     Iterating it serves the batches, one record each; afterwards it holds the healed model.
     `batches` (the article's stream unless given) and the stream's parts can be handed in."""
 
-    def __init__(self, cfg: ArticleConfig, trained: Trained, batches: Iterable = None, **parts):
+    def __init__(self, cfg: ArticleConfig, trained: Trained, batches: Iterable = None, detector=None, **parts):
         self.cfg, self.trained = cfg, trained
         # Copies, so that one training can serve several runs (tests do this).
         self.model, self.shadow = copy.deepcopy(trained.model), copy.deepcopy(trained.baseline)
         self.fidi = FIDIMonitor(trained.data.train.X[:, V14], cfg.fidi_window, cfg.fidi_threshold)
-        self.stream = SelfHealingStream(self.model, self.shadow, trained.baseline, self.fidi, cfg, **parts)
+        detector = detector(trained, cfg) if detector else self.fidi  # FIDI, unless another is handed in
+        self.stream = SelfHealingStream(self.model, self.shadow, trained.baseline, detector, cfg, **parts)
         self.batches = batches if batches is not None else \
             drifted_batches(trained.data.drift, cfg, copy.deepcopy(trained.rng))
 
@@ -1145,10 +1151,16 @@ class MeasurementConfig(EngineConfig):
                                      "this", "[0, 1]")
     retrain_steps: int = knob(50, "Adam steps of each refit of the head by retrain", "[1, 1000000]")
     retrain_lr: float = knob(0.01, "Adam learning rate of retrain's refits", "(0, 1]")
-    select_window: int = knob(10, "labelled batches over which select compares each challenger's cost with the "
-                              "champion's", "[3, 1000000]")
-    select_z: float = knob(2.0, "select changes champion when a challenger is cheaper by more than this many "
+    select_window: int = knob(1000, "latest labelled batches over which select compares each challenger's cost "
+                              "with the champion's", "[3, 1000000]")
+    select_z: float = knob(1.0, "select changes champion when a challenger is cheaper by more than this many "
                            "standard errors of the paired difference", "[0, 100]")
+    detector: str = knob("fidi", "what triggers the heal: fidi (the article's), adwin (on each row's V14) or ks "
+                         "(a KS test of the model's probabilities)", choices=("fidi", "adwin", "ks"))
+    adwin_delta: float = knob(0.002, "ADWIN's confidence: the chance of a false alarm per check of its window",
+                              "(0, 1)")
+    ks_window: int = knob(3, "batches of model probabilities the KS detector tests at once", "[1, 1000000]")
+    ks_level: float = knob(0.001, "the KS detector alarms when its p-value falls below this", "(0, 1)")
     fn_cost: float = knob(5000.0, "cost of a missed fraud", "[0, 1000000000]", role="cost")
     fp_cost: float = knob(200.0, "cost of a false alarm", "[0, 1000000000]", role="cost")
 
@@ -1194,8 +1206,9 @@ def make_supervision(cfg: MeasurementConfig) -> LabelSupervision:
 
 
 def stream_parts(cfg: MeasurementConfig) -> dict:
-    """Everything the flags hand to Part I's stream: the supervision mode and the engine's parts."""
-    return dict(supervision=make_supervision(cfg), **engine_parts(cfg))
+    """Everything the flags hand to Part I's stream: the drift detector, the supervision mode and the
+    engine's parts."""
+    return dict(detector=make_detector, supervision=make_supervision(cfg), **engine_parts(cfg))
 
 
 # -- What a run logs
@@ -1522,7 +1535,7 @@ def sweep_spread(summaries: list[dict]) -> dict:
 
 # -- Scenarios: which kind of drift
 
-SUDDEN_SCENARIOS = ("article", "offset", "recurring", "prior", "covariate")  # drifted from batch 1 on
+DRIFTING_SCENARIOS = ("article", "offset", "gradual", "recurring", "prior", "covariate")  # from batch 1 on
 SHIFTING_SCENARIOS = ("gradual", "recurring")  # each batch's law is not the one before
 SCENARIO_STORIES = {
     "article": "only normal rows' V14 moves onto fraud's: P(y|x) changes and the classes overlap",
@@ -1599,6 +1612,246 @@ def scenario_row_only_ceiling(name: str, cfg: MeasurementConfig) -> Ceiling:
 
 def scenario_ceiling(name: str, cfg: MeasurementConfig) -> Ceiling:
     return bayes_ceiling([scenario_law(name, t, cfg) for t in range(1, cfg.n_batches + 1)], cfg)
+
+
+# -- Detectors that see every drift
+
+DETECTORS = ("fidi", "adwin", "ks")
+
+
+class _Bucket:
+    """A summary of consecutive values: how many, their sum, and their sum of squared
+    deviations from their own mean (m2). Three numbers instead of the values is what lets
+    ADWIN remember a window of n values in O(log n) memory."""
+
+    __slots__ = ("count", "total", "m2")
+
+    def __init__(self, count: int, total: float, m2: float):
+        self.count = count
+        self.total = total
+        self.m2 = m2
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count
+
+    def merged_with(self, newer: _Bucket) -> _Bucket:
+        """One bucket for both: m2 of a union is the two m2s plus a term for the gap between
+        the two means (Chan, Golub and LeVeque's pairwise update)."""
+        count = self.count + newer.count
+        gap = newer.mean - self.mean
+        m2 = self.m2 + newer.m2 + gap * gap * self.count * newer.count / count
+        return _Bucket(count, self.total + newer.total, m2)
+
+
+class ADWIN:
+    """ADWIN (Bifet and Gavalda, 2007): an adaptive window over a stream of numbers that drops its
+    older part when the means of the two parts differ by more than chance allows (confidence delta).
+
+    This is ADWIN2, the version with exponential buckets: row i of the window holds up to
+    `max_buckets` buckets of 2**i values each, so that a window of n values costs
+    O(max_buckets * log n) memory and a check of every cut costs as much time.
+
+    delta: the false alarm probability the bound allows for one check of the whole window;
+        smaller means fewer false alarms and later detections.
+    clock: check the cuts every `clock` values only (1 is every value), as checking is the
+        expensive part; a change is then seen up to clock - 1 values late.
+    max_buckets: buckets per row before the two oldest of the row merge into the next row;
+        more buckets give finer cut points and cost more time.
+    min_window_length: both parts of a cut must hold at least this many values, so that
+        one odd value cannot make a mean on its own.
+    grace_period: no check until the window holds more than this many values.
+
+    After a change the window keeps only its newer part and goes on; it does not start
+    again from empty. So a large change is usually reported a few more times while the
+    last of the old values leave the window.
+    """
+
+    def __init__(self, delta: float = 0.002, clock: int = 32, max_buckets: int = 5,
+                 min_window_length: int = 5, grace_period: int = 10):
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {delta}")
+        if clock < 1 or max_buckets < 1 or min_window_length < 1 or grace_period < 0:
+            raise ValueError("clock, max_buckets and min_window_length must be >= 1, grace_period >= 0")
+        self.delta = delta
+        self.clock = clock
+        self.max_buckets = max_buckets
+        self.min_window_length = min_window_length
+        self.grace_period = grace_period
+        self._rows: list[list[_Bucket]] = [[]]  # _rows[i]: buckets of 2**i values, oldest first
+        self._width = 0
+        self._total = 0.0
+        self._m2 = 0.0  # sum of squared deviations from the window's mean
+        self._seen = 0  # values ever given, for the clock
+
+    def update(self, x: float) -> bool:
+        """Add one value; True when this value made the window drop its older part (a change)."""
+        self._add(float(x))
+        self._seen += 1
+        if self._seen % self.clock != 0 or self._width <= self.grace_period:
+            return False
+        changed = False
+        # Drop the oldest bucket while some cut still splits the window into two parts whose
+        # means differ: what is left is the longest recent window that looks stationary.
+        while self._has_significant_cut():
+            self._drop_oldest_bucket()
+            changed = True
+        return changed
+
+    @property
+    def width(self) -> int:
+        """How many values the window holds."""
+        return self._width
+
+    @property
+    def estimation(self) -> float:
+        """Mean of the window (0.0 while it is empty)."""
+        return self._total / self._width if self._width else 0.0
+
+    def _add(self, x: float) -> None:
+        if self._width:
+            gap = x - self._total / self._width
+            self._m2 += gap * gap * self._width / (self._width + 1)
+        self._width += 1
+        self._total += x
+        self._rows[0].append(_Bucket(1, x, 0.0))
+        # A row that overflows merges its two oldest buckets into one of the next row, which
+        # may overflow in turn: like carrying in binary addition.
+        row = 0
+        while len(self._rows[row]) > self.max_buckets:
+            if row + 1 == len(self._rows):
+                self._rows.append([])
+            older, newer = self._rows[row].pop(0), self._rows[row].pop(0)
+            self._rows[row + 1].append(older.merged_with(newer))
+            row += 1
+
+    def _has_significant_cut(self) -> bool:
+        """Is there a boundary between two buckets where the older part's mean and the newer
+        part's mean differ by more than epsilon? Cuts are only tried between buckets, which
+        is what makes the check O(log n) instead of O(n)."""
+        if self._width < 2:
+            return False
+        variance = max(self._m2 / self._width, 0.0)
+        # Bernstein's bound, with delta shared over the ~ln(width) cuts that are tried:
+        # delta' = delta / ln(width), and log_term = ln(2 / delta').
+        log_term = math.log(2.0 * math.log(self._width) / self.delta)
+        oldest_first = [bucket for row in reversed(self._rows) for bucket in row]
+        n0, total0 = 0, 0.0
+        for bucket in oldest_first[:-1]:  # after the newest bucket the newer part is empty
+            n0 += bucket.count
+            total0 += bucket.total
+            n1 = self._width - n0
+            if n0 < self.min_window_length or n1 < self.min_window_length:
+                continue
+            gap = abs(total0 / n0 - (self._total - total0) / n1)
+            if gap > self._epsilon(n0, n1, variance, log_term):
+                return True
+        return False
+
+    def _epsilon(self, n0: int, n1: int, variance: float, log_term: float) -> float:
+        """How far apart two means of these sizes may lie by chance alone. The sizes enter as
+        a harmonic mean m, shrunk by min_window_length - 1 to be careful with short parts."""
+        inv_m = 1.0 / (n0 - self.min_window_length + 1) + 1.0 / (n1 - self.min_window_length + 1)
+        return math.sqrt(2.0 * inv_m * variance * log_term) + 2.0 / 3.0 * inv_m * log_term
+
+    def _drop_oldest_bucket(self) -> None:
+        oldest_row = self._rows[-1]
+        bucket = oldest_row.pop(0)
+        while len(self._rows) > 1 and not self._rows[-1]:
+            self._rows.pop()
+        self._width -= bucket.count
+        self._total -= bucket.total
+        if self._width:
+            # Undo the pairwise update: what is left's m2 is the old m2 minus the bucket's
+            # m2 and minus the term for the gap between the bucket's mean and the rest's.
+            gap = bucket.mean - self._total / self._width
+            self._m2 -= bucket.m2 + gap * gap * bucket.count * self._width / (bucket.count + self._width)
+        else:
+            self._m2 = 0.0
+
+
+def ks_two_sample(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Two-sample Kolmogorov-Smirnov statistic D (the largest gap between the two empirical CDFs) and
+    its p-value from Kolmogorov's limit law, with Stephens' (1970) correction for finite samples."""
+    a, b = np.sort(a.astype(np.float64)), np.sort(b.astype(np.float64))
+    pooled = np.concatenate([a, b])
+    d = float(np.max(np.abs(np.searchsorted(a, pooled, side="right") / len(a)
+                            - np.searchsorted(b, pooled, side="right") / len(b))))
+    n = math.sqrt(len(a) * len(b) / (len(a) + len(b)))
+    lam = (n + 0.12 + 0.11 / n) * d
+    if lam < 0.2:  # the series converges slowly there, and the p-value is 1 to many places
+        return d, 1.0
+    k = np.arange(1, 101)
+    return d, float(min(1.0, max(0.0, 2 * np.sum((-1.0) ** (k - 1) * np.exp(-2 * k ** 2 * lam ** 2)))))
+
+
+class KSDetector:
+    """Black-box shift detection (Rabanser et al., 2019): a two-sample KS test of the probabilities of
+    the model as trained, on the last --ks-window batches, against its probabilities on clean
+    held-out rows; drifting while the p-value is below --ks-level. One test on the model's output
+    instead of one per input, and it sees the shifts the model is sensitive to; no labels. It watches
+    the trained model, not the served one, which healing moves on purpose."""
+
+    def __init__(self, trained: Trained, cfg: MeasurementConfig):
+        self.model, self.level = trained.model, cfg.ks_level
+        self.reference = predict_proba(trained.model, calibration_set(cfg).X)
+        self.recent: deque = deque(maxlen=cfg.ks_window)
+
+    def check(self, X: np.ndarray, proba: np.ndarray) -> tuple[float, bool]:
+        self.recent.append(predict_proba(self.model, X))
+        d, p_value = ks_two_sample(self.reference, np.concatenate(self.recent))
+        return d, p_value < self.level
+
+
+class RowADWIN:
+    """ADWIN on every row's V14, one row at a time, after the training rows': drifting at a batch in
+    which it dropped part of its window. The window's mean of V14 is the score. V14, not the model's
+    output, because it is the feature the article watches, and the model's output moves with every heal."""
+
+    def __init__(self, trained: Trained, cfg: MeasurementConfig):
+        self.adwin = ADWIN(delta=cfg.adwin_delta)
+        for v in trained.data.train.X[:, V14]:  # the clean rows first: what "no change" looks like
+            self.adwin.update(v)
+
+    def check(self, X: np.ndarray, proba: np.ndarray) -> tuple[float, bool]:
+        changed = [self.adwin.update(v) for v in X[:, V14]]
+        return self.adwin.estimation, any(changed)
+
+
+def make_detector(trained: Trained, cfg: MeasurementConfig):
+    """The detector --detector names, for Part I's stream (FIDI is the article's)."""
+    if cfg.detector == "adwin":
+        return RowADWIN(trained, cfg)
+    if cfg.detector == "ks":
+        return KSDetector(trained, cfg)
+    return FIDIMonitor(trained.data.train.X[:, V14], cfg.fidi_window, cfg.fidi_threshold)
+
+
+def detection_delays(scenario: str, cfg: MeasurementConfig, trained: Trained) -> dict:
+    """Batches from the drift's onset (batch 1: every scenario but stationary drifts from its first
+    batch on, gradual only a little at first) to each detector's first alarm; NaN if it never raises one."""
+    detectors = {name: make_detector(trained, dataclasses.replace(cfg, detector=name)) for name in DETECTORS}
+    first = {}
+    for t, (X, _) in enumerate(scenario_batches(scenario, cfg, trained), start=1):
+        for name, detector in detectors.items():
+            if detector.check(X, None)[1] and name not in first:
+                first[name] = t
+    return {name: first[name] - 1.0 if scenario in DRIFTING_SCENARIOS and name in first else math.nan
+            for name in DETECTORS}
+
+
+def false_alarms(cfg: MeasurementConfig, trained: Trained, n_batches: int = 1000) -> dict:
+    """Alarms per 1,000 batches of each detector on a long stream where nothing drifts (a batch with
+    an alarm counts once), from a generator of its own."""
+    detectors = {name: make_detector(trained, dataclasses.replace(cfg, detector=name)) for name in DETECTORS}
+    rng, law = np.random.RandomState([cfg.seed, 4]), scenario_law("stationary", 1, cfg)
+    alarms = dict.fromkeys(DETECTORS, 0)
+    for _ in range(n_batches):
+        n_fraud = rng.binomial(cfg.batch_size, law.fraud_share)
+        X = draw_rows(rng, cfg.batch_size - n_fraud, n_fraud, law).X
+        for name, detector in detectors.items():
+            alarms[name] += detector.check(X, None)[1]
+    return {name: 1000 * count / n_batches for name, count in alarms.items()}
 
 
 # -- Methods: what to do about it
@@ -1849,9 +2102,11 @@ class Select(StreamMethod):
     """Champion and challengers. Every other method runs in shadow on every batch and the champion's
     answers are served, `calibrated` first. Labels arrive --label-delay batches late (the heal gets
     them then too); each candidate's own decisions on that batch, at its own threshold, are then
-    priced. A challenger takes over when, over the last --select-window labelled batches, it cost less
-    than the champion by more than --select-z standard errors of the paired difference: on evidence,
-    not on one lucky batch."""
+    priced. A challenger takes over when, over the last --select-window labelled batches (by default
+    all of them: the best method so far, which is what the best single method is in hindsight), it
+    cost less than the champion by more than --select-z standard errors of the paired difference:
+    on evidence, not on one lucky batch. The window and the margin were chosen on seeds 0-4, not on
+    the bench's seeds."""
     uses_labels = True
 
     def __init__(self, trained: Trained, cfg: MeasurementConfig):
@@ -1921,32 +2176,44 @@ class BenchRow:
     kappa: float           # against always answering normal: (acc - acc_normal) / (1 - acc_normal)
     gap_closed: float      # (cost_none - cost) / (cost_none - cost_bayes); NaN when there is no gap
     adaptations_per_1000: float
-    detection_delay: float  # batches from onset to the first DRIFTING (sudden scenarios; NaN if never)
     bayes_accuracy: float
     bayes_auc: float
     bayes_cost: float
+    # each detector on this seed's stream of the scenario (the same for every method): batches from a
+    # sudden drift's onset to its first alarm (NaN if none), and its alarms per 1,000 batches of a
+    # long stream where nothing drifts
+    fidi_delay: float = math.nan
+    adwin_delay: float = math.nan
+    ks_delay: float = math.nan
+    fidi_false_alarms: float = math.nan
+    adwin_false_alarms: float = math.nan
+    ks_false_alarms: float = math.nan
 
 
-BENCH_FIGURES = ("accuracy", "f1", "roc_auc", "cost", "kappa", "gap_closed", "adaptations_per_1000",
-                 "detection_delay")
+BENCH_FIGURES = ("accuracy", "f1", "roc_auc", "cost", "kappa", "gap_closed", "adaptations_per_1000")
 MIN_GAP = 0.05  # below 5% of no-adaptation's cost, the gap to the ceiling is too small to divide by
 
 
-def bench_cell(scenario: str, method: str, trained: Trained, cfg: MeasurementConfig, ceiling: Ceiling) -> BenchRow:
-    """Stream the scenario through the method; score every prediction made before adapting."""
+def detection_figures(delays: dict, alarms: dict) -> dict:
+    """detection_delays' and false_alarms' figures, as BenchRow names them."""
+    return {**{f"{name}_delay": delay for name, delay in delays.items()},
+            **{f"{name}_false_alarms": rate for name, rate in alarms.items()}}
+
+
+def bench_cell(scenario: str, method: str, trained: Trained, cfg: MeasurementConfig, ceiling: Ceiling,
+               detection: dict = None) -> BenchRow:
+    """Stream the scenario through the method; score every prediction made before adapting. detection:
+    the detectors' delays and false alarms on this stream (detection_delays, false_alarms)."""
     served = make_method(method, trained, cfg)
-    fidi = FIDIMonitor(trained.data.train.X[:, V14], cfg.fidi_window, cfg.fidi_threshold)
-    labels, proba, flagged, none_flagged, first_drift = [], [], [], [], None
+    labels, proba, flagged, none_flagged = [], [], [], []
     try:
-        for t, (X, y) in enumerate(scenario_batches(scenario, cfg, trained), start=1):
+        for X, y in scenario_batches(scenario, cfg, trained):
             p = served.predict(X)
             labels.append(y)
             proba.append(p)
             flagged.append(p > served.flag_threshold())
             none_flagged.append(predict_proba(trained.model, X) > cost_threshold(cfg))
             served.adapt(X, y if served.uses_labels else None)
-            if first_drift is None and fidi.drifting(fidi.update(X[:, V14])):
-                first_drift = t
     finally:
         served.close()
     y, p = np.concatenate(labels), np.concatenate(proba)
@@ -1959,9 +2226,7 @@ def bench_cell(scenario: str, method: str, trained: Trained, cfg: MeasurementCon
         scenario, method, cfg.seed, at_half.accuracy, at_half.f1, roc_auc(y, p), cost, none_cost,
         (at_half.accuracy - normal_share) / (1 - normal_share) if normal_share < 1 else math.nan,
         (none_cost - cost) / gap if gap > MIN_GAP * none_cost else math.nan,
-        1000 * served.adaptations / cfg.n_batches,
-        first_drift - 1 if scenario in SUDDEN_SCENARIOS and first_drift else math.nan,
-        ceiling.accuracy, ceiling.roc_auc, ceiling.cost)
+        1000 * served.adaptations / cfg.n_batches, ceiling.accuracy, ceiling.roc_auc, ceiling.cost, **(detection or {}))
 
 
 @dataclass(frozen=True)
@@ -1999,15 +2264,20 @@ def run_bench_cells(cfg: MeasurementConfig, cells: list[BenchCell],
     """Run cells, training the models once per seed and computing each scenario's ceiling once;
     done(cell, row), when given, is told of each cell as soon as it is finished."""
     cfg = bench_config(cfg)
-    rows, trained, ceilings = [], {}, {}
+    rows, trained, ceilings, detection = [], {}, {}, {}
     for cell in cells:
         seed_cfg = dataclasses.replace(cfg, seed=cell.seed)
         if cell.seed not in trained:
             trained.clear()  # cells come seed by seed: an earlier seed's data and models are not needed again
+            detection.clear()
             trained[cell.seed] = train_models(seed_cfg)
+            detection["false_alarms"] = false_alarms(seed_cfg, trained[cell.seed])
         if cell.scenario not in ceilings:
             ceilings[cell.scenario] = scenario_ceiling(cell.scenario, cfg)
-        rows.append(bench_cell(cell.scenario, cell.method, trained[cell.seed], seed_cfg, ceilings[cell.scenario]))
+        if cell.scenario not in detection:
+            detection[cell.scenario] = detection_delays(cell.scenario, seed_cfg, trained[cell.seed])
+        rows.append(bench_cell(cell.scenario, cell.method, trained[cell.seed], seed_cfg, ceilings[cell.scenario],
+                               detection_figures(detection[cell.scenario], detection["false_alarms"])))
         if done:
             done(cell, rows[-1])
     return rows
@@ -2292,7 +2562,7 @@ def atomic_file(path: Path, binary: bool = False):
         with contextlib.suppress(OSError):  # a full disk fails the last flush too; the file goes all the same
             f.close()
         Path(f.name).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename is None:  # say which file could not be written
+        if isinstance(e, OSError):  # name the file that could not be written, not its temporary
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
 
@@ -2562,16 +2832,23 @@ def _mean_pm(s: Spread, spec: str) -> str:
     return f"{_num(s.mean, spec)} +-{_num(half, spec.lstrip('+'))}" if half > 0 else _num(s.mean, spec)
 
 
-def _detection_note(rows: list[BenchRow], scenario: str) -> str:
-    """How soon FIDI saw a sudden drift, over the seeds."""
-    if scenario not in SUDDEN_SCENARIOS:
-        return ""
-    delays = [r.detection_delay for r in rows if r.scenario == scenario and r.method == "none"]
-    seen = [d for d in delays if math.isfinite(d)]
-    if not seen:
-        return "; FIDI never calls it DRIFTING"
-    return (f"; FIDI calls it DRIFTING {np.mean(seen):.1f} batches after onset"
-            + (f" (in {len(seen)} of {len(delays)} seeds)" if len(seen) < len(delays) else ""))
+def detector_report(rows: list[BenchRow]) -> list[str]:
+    """Per scenario, each detector's batches from onset to its first alarm, then its false alarms on a
+    stream where nothing drifts: means over the seeds (from the `none` rows, one per seed)."""
+    def mean_over_seeds(values):
+        seen = [v for v in values if math.isfinite(v)]
+        text = _num(float(np.mean(seen)), ".1f") if seen else "never"
+        return text + (f" ({len(seen)} of {len(values)} seeds)" if seen and len(seen) < len(values) else "")
+    table = []
+    for scenario in [s for s in DRIFTING_SCENARIOS if any(r.scenario == s for r in rows)]:
+        seeds = [r for r in rows if r.scenario == scenario and r.method == "none"]
+        table.append([scenario] + [mean_over_seeds([getattr(r, f"{d}_delay") for r in seeds]) for d in DETECTORS])
+    per_seed = {r.seed: r for r in rows if r.method == "none"}.values()
+    table.append(["false alarms per 1,000 batches"] + [
+        _num(float(np.mean([getattr(r, f"{d}_false_alarms") for r in per_seed])), ".1f") for d in DETECTORS])
+    return ["", "Detectors: batches from the drift's onset to the first alarm (0: at the first drifted batch), "
+                "mean over the seeds; then alarms per 1,000 batches of a 1,000-batch stream where nothing drifts.",
+            *text_table(["scenario", "FIDI", "ADWIN (V14 rows)", "KS (model output)"], table, "<>>>")]
 
 
 def bench_report(rows: list[BenchRow], cfg: MeasurementConfig) -> list[str]:
@@ -2580,7 +2857,7 @@ def bench_report(rows: list[BenchRow], cfg: MeasurementConfig) -> list[str]:
     table = []
     for scenario in [s for s in SCENARIOS if (s, "none") in spreads]:
         first = next(r for r in rows if r.scenario == scenario)
-        table.append([f"{scenario}: {SCENARIO_STORIES[scenario]}{_detection_note(rows, scenario)}"])
+        table.append([f"{scenario}: {SCENARIO_STORIES[scenario]}"])
         for method in [m for m in HEAL_METHODS if (scenario, m) in spreads]:
             s = spreads[(scenario, method)]
             table.append(["  " + method] + [_mean_pm(s[name], spec) for _, name, spec in BENCH_COLUMNS])
@@ -2600,7 +2877,7 @@ def bench_report(rows: list[BenchRow], cfg: MeasurementConfig) -> list[str]:
             f"flagging P(fraud) > {cost_threshold(cfg):.3f} = fp/(fp+fn) (rethreshold: its learned threshold);",
             f"gap closed = (cost of none - cost) / (cost of none - Bayes cost), costs averaged over the seeds; "
             f"'-' where none is within {100 * MIN_GAP:.0f}% of the Bayes cost.",
-            *text_table(header, table, "<" + ">" * len(BENCH_COLUMNS))]
+            *text_table(header, table, "<" + ">" * len(BENCH_COLUMNS)), *detector_report(rows)]
 
 
 def write_bench_csv(rows: list[BenchRow], directory: Path) -> Path:
@@ -2775,7 +3052,7 @@ class PlotData:
     all_records: list  # every batch, quarantined ones too
     events: list
     snapshots_saved: int
-    best: Optional[Snapshot]  # the rollback target
+    best: Optional[tuple]  # the rollback target's version, batch and F1 (not its weights)
     records: list = None  # batches that were served (quarantined ones are left out)
 
     def __post_init__(self):
@@ -2787,8 +3064,9 @@ class PlotData:
 
     @classmethod
     def of(cls, run: Run, evaluation: Evaluation) -> "PlotData":
+        best = run.registry.best_post_heal()
         return cls(run.cfg, evaluation, run.log.records, run.log.events, run.registry.saved,
-                   run.registry.best_post_heal())
+                   None if best is None else (best.version, best.batch, best.f1))
 
 
 def plot_accuracy(plt, d: PlotData):
@@ -2871,10 +3149,10 @@ def plot_registry(plt, d: PlotData):
     if restored:
         ax.plot(*zip(*sorted(restored)), "*", ms=20, color=COLORS["rollback"],
                 label="restored by a rollback: " + ", ".join(f"v{v}" for v, _ in sorted(restored)))
-    best = d.best
-    if best is not None:
-        ax.plot([best.version], [best.f1], "*", ms=13, color=COLORS["threshold"],
-                label=f"rollback target now v{best.version} (batch {best.batch}, F1 {best.f1:.3f})")
+    if d.best is not None:
+        version, batch, f1 = d.best
+        ax.plot([version], [f1], "*", ms=13, color=COLORS["threshold"],
+                label=f"rollback target now v{version} (batch {batch}, F1 {f1:.3f})")
     ax.set(title=f"Registry: {_count(d.snapshots_saved, 'snapshot')} by version (F1 on their batch)",
            xlabel="version (v1 = clean)", ylabel="F1", ylim=(0, 1.02))
     ax.grid(alpha=0.3)
@@ -3002,15 +3280,19 @@ def plot_bench(rows: list[BenchRow], directory: Path) -> Path:
 # main model, half the plots drawn beside the other half, the seeds of a sweep and of the
 # bench one process each. All of it through one pool, process_pool. Uses Parts I to IV.
 
-WORKER_PROGRESS = None  # in a pool worker: the queue it tells each finished piece of work to
+WORKER_PROGRESS = None  # in a pool worker: where it tells each finished piece of work (a pipe's end)
 
 
 def worker_setup(parent: int, progress=None) -> None:
-    """Every pool worker: it dies with its parent, ignores Ctrl-C (the parent stops its workers), uses
-    one torch thread, and leaves without waiting for a heal it abandoned (which could abort it)."""
+    """Every pool worker: it dies with its parent, ignores Ctrl-C and the terminal's hang-up (the parent
+    stops its workers), ends at once when the parent stops it (SIGTERM; the parent then removes what
+    it left), uses one torch thread, and leaves without waiting for a heal it abandoned (which could
+    abort it)."""
     global WORKER_PROGRESS
     die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     use_one_torch_thread()
     WORKER_PROGRESS = progress
     import atexit
@@ -3036,8 +3318,11 @@ def process_pool(workers: int, method: str, progress=None):
     try:
         yield pool
     except BaseException:
-        for process in list((pool._processes or {}).values()):  # the pool has no public way to stop a task
+        workers = list((pool._processes or {}).values())  # the pool has no public way to stop a task
+        for process in workers:
             process.terminate()
+        for process in workers:
+            process.join(timeout=2)
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
@@ -3046,9 +3331,14 @@ def process_pool(workers: int, method: str, progress=None):
 FORK_IS_SAFE = sys.platform == "linux"  # elsewhere the same work runs in turn, with the same results
 
 
-def _train_to_arrays(model: nn.Module, data: Dataset, cfg: ArticleConfig, orders: list) -> dict:
-    train(model, data, cfg, orders)
-    return to_arrays(model.state_dict())
+def _train_baseline(arrays: dict, data: Dataset, cfg: ArticleConfig, orders: list) -> dict:
+    """In a worker: the baseline from its initial weights, trained on these epoch orders. Weights and
+    orders travel as numpy arrays: torch would send tensors through shared memory and a thread of
+    ours, which a signal in between could leave printing a traceback."""
+    baseline = BaselineMLP(cfg.hidden_dim)
+    baseline.load_state_dict(from_arrays(arrays))
+    train(baseline, data, cfg, [torch.from_numpy(order) for order in orders])
+    return to_arrays(baseline.state_dict())
 
 
 def train_side_by_side(model, baseline, data: Dataset, cfg: ArticleConfig, model_orders, baseline_orders) -> None:
@@ -3057,7 +3347,8 @@ def train_side_by_side(model, baseline, data: Dataset, cfg: ArticleConfig, model
     if not FORK_IS_SAFE:
         return train_in_turn(model, baseline, data, cfg, model_orders, baseline_orders)
     with process_pool(1, "fork") as pool:
-        trained_baseline = pool.submit(_train_to_arrays, baseline, data, cfg, baseline_orders)
+        trained_baseline = pool.submit(_train_baseline, to_arrays(baseline.state_dict()), data, cfg,
+                                       [order.numpy() for order in baseline_orders])
         train(model, data, cfg, model_orders)
         baseline.load_state_dict(from_arrays(trained_baseline.result()))
 
@@ -3096,20 +3387,26 @@ def map_in_processes(fn: Callable, items: list, workers: int, progress: Progress
         finally:
             WORKER_PROGRESS = None
     import multiprocessing
-    finished, count = multiprocessing.get_context("spawn").SimpleQueue(), CountHere(progress)
-    with process_pool(workers, "spawn", finished) as pool:
-        futures = [pool.submit(fn, x) for x in items]
-        while not all(f.done() for f in futures):
-            concurrent.futures.wait(futures, timeout=0.2, return_when=concurrent.futures.FIRST_EXCEPTION)
-            while not finished.empty():
-                count.put(finished.get())
-        return [f.result() for f in futures]
+    finished, told, count = *multiprocessing.get_context("spawn").Pipe(duplex=False), CountHere(progress)
+    try:
+        with process_pool(workers, "spawn", told) as pool:
+            futures = [pool.submit(fn, x) for x in items]
+            while not all(f.done() for f in futures):
+                concurrent.futures.wait(futures, timeout=0.2, return_when=concurrent.futures.FIRST_EXCEPTION)
+                while finished.poll():
+                    count.put(finished.recv())
+            return [f.result() for f in futures]
+    finally:
+        finished.close()
+        told.close()
 
 
 def told_done(pieces: int = 1) -> None:
     """Tell whoever counts (the parent of a pool worker, or this process) that pieces of work are done."""
-    if WORKER_PROGRESS is not None:
+    if isinstance(WORKER_PROGRESS, CountHere):
         WORKER_PROGRESS.put(pieces)
+    elif WORKER_PROGRESS is not None:
+        WORKER_PROGRESS.send(pieces)  # a few bytes: one write, whole, however many workers share the pipe
 
 
 def summarise_seed(cfg: MeasurementConfig) -> dict:
@@ -3422,7 +3719,8 @@ def run_scenario(cfg: Config, console: Callable[[str], None]) -> int:
     trained = train_models(cfg, train_side_by_side)
     ceiling = scenario_ceiling(cfg.scenario, cfg)
     methods = dict.fromkeys([cfg.heal_method, "none"])  # the method, then no adaptation beside it
-    rows = [bench_cell(cfg.scenario, method, trained, cfg, ceiling) for method in methods]
+    detection = detection_figures(detection_delays(cfg.scenario, cfg, trained), false_alarms(cfg, trained))
+    rows = [bench_cell(cfg.scenario, method, trained, cfg, ceiling, detection) for method in methods]
     for line in bench_report(rows, cfg):
         console(line)
     console("(A run of one scenario and method writes no files; --bench writes the whole comparison.)")
@@ -3480,6 +3778,7 @@ def output_plan(cfg: Config) -> dict:
     return {"monitoring_export": exports + ["threshold_config.json"], **({} if cfg.no_plots else {"plots": plots})}
 
 
+OWNED_FOLDERS = ("monitoring_export", "plots", "bench_cells")  # every folder under --out a run may write in
 LOCK_NAME = ".self_healing.lock"  # in --out: every run that writes there holds it, shards of one bench together
 
 
@@ -3524,7 +3823,7 @@ def claim_out(cfg: Config) -> list[int]:
                 locks.append(take_lock(mine, shared=True))
         finally:
             os.close(admission)
-        for name in ("monitoring_export", "plots", "bench_cells"):  # every folder a run may write in
+        for name in OWNED_FOLDERS:
             remove_stale_temporaries(out / name)
         return locks
     except BlockingIOError:
@@ -3635,6 +3934,10 @@ def main(argv: list[str] = None) -> int:
         error_line(f"cannot write {e.filename or 'the outputs'}: {e.strerror or e}; {LEFT_AS_THEY_WERE}")
         return 1
     finally:
+        if locks:  # what workers stopped on the way out left behind (the run's own files are discarded)
+            for name in OWNED_FOLDERS:
+                with contextlib.suppress(OSError):
+                    remove_stale_temporaries(Path(cfg.out) / name)
         for fd in locks:
             os.close(fd)
     if console.failure is not None and not isinstance(console.failure, BrokenPipeError):
@@ -3646,9 +3949,11 @@ def main(argv: list[str] = None) -> int:
 
 def exit_process(code: int) -> None:
     """Exit with code. A heal abandoned to its thread (timed out, or cut short by Ctrl-C) may still be
-    inside torch, and an interpreter that shuts down under it aborts (exit 134); a stopped run has
-    stopped its workers already. Then leave at once."""
-    if code >= 128 or any(t.name == "heal" and t.is_alive() for t in threading.enumerate()):
+    inside torch, and an interpreter that shuts down under it aborts (exit 134): then leave at once."""
+    if code >= 128:  # stopped by a signal: more of them must not cut the way out short
+        for sig in STOPPING_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+    if any(t.name == "heal" and t.is_alive() for t in threading.enumerate()):
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError):
                 stream.flush()

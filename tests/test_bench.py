@@ -317,7 +317,7 @@ def test_select_reads_each_label_only_once_it_has_arrived(small_trained, monkeyp
 def test_select_changes_champion_only_on_evidence(small_trained):
     """On a stationary stream it keeps serving the calibrated model; when one candidate is far cheaper
     batch after batch, it takes over once select_window's test allows."""
-    cfg = shp.bench_config(shp.Config(**{**SMALL, "n_batches": 12}, label_delay=1))
+    cfg = shp.bench_config(shp.Config(**{**SMALL, "n_batches": 12}, label_delay=1, select_window=10, select_z=2.0))
     select = shp.Select(small_trained, cfg)
     select.costs = {name: __import__("collections").deque([100.0, 101.0, 99.0], maxlen=10) for name in select.costs}
     assert select.best_challenger() is None, "no evidence: the champion stays"

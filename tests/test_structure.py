@@ -15,8 +15,8 @@ TINY = ["--n-train", "600", "--n-test", "200", "--n-drift", "200", "--epochs", "
         "--batch-size", "50", "--no-plots", "--quiet"]
 # The stream's parts, handed to Part I's loop by later parts: calls on them are the composition,
 # not a dependency (Part I names none of them).
-HANDED_IN = {"submit", "finished", "restore", "close", "view", "make_healer", "quarantine_non_finite",
-             "train_side_by_side"}
+HANDED_IN = {"submit", "finished", "restore", "close", "view", "check", "make_healer", "make_detector",
+             "quarantine_non_finite", "train_side_by_side"}
 
 
 def part_of(line: int) -> int:
