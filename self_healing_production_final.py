@@ -1394,17 +1394,29 @@ class Ceiling:
     cost: float     # expected cost per 1,000 rows, deciding at cost_threshold
 
 
+LOG_ODDS_BINS = np.linspace(-60, 60, 1_200_001)  # beyond +-60 a posterior is 0 or 1 to double precision
+
+
+def auc_of_masses(fraud: np.ndarray, normal: np.ndarray) -> float:
+    """ROC-AUC from the fraud and normal mass in each score bin, highest scores last; rows in one bin
+    count as ties, half a win each (as Mann-Whitney counts them)."""
+    tpr_steps, fpr_steps = fraud[::-1], normal[::-1]
+    tpr_before = np.cumsum(tpr_steps) - tpr_steps
+    return float(np.sum(fpr_steps * (tpr_before + tpr_steps / 2)) / (tpr_steps.sum() * fpr_steps.sum()))
+
+
 def bayes_ceiling(laws: list[RowLaw], cfg: MeasurementConfig) -> Ceiling:
     """The ceiling of a stream whose batches (of equal size) follow these laws, integrated on a
     fine V14 grid per distinct law. The AUC is that of the pooled stream, ranked by the true
-    posterior of each row's own batch."""
+    posterior of each row's own batch, from the masses gathered in fine bins of log-odds (memory
+    stays flat however many distinct laws a long stream has)."""
     counts: dict[RowLaw, int] = {}
     for law in laws:
         counts[law] = counts.get(law, 0) + 1
     with np.errstate(divide="ignore"):
         flag_above = float(np.log(cost_threshold(cfg)) - np.log1p(-cost_threshold(cfg)))
     accuracy = cost = 0.0
-    log_odds, fraud_mass, normal_mass = [], [], []
+    fraud_in_bin, normal_in_bin = np.zeros(len(LOG_ODDS_BINS) + 1), np.zeros(len(LOG_ODDS_BINS) + 1)
     for law, count in counts.items():
         weight, share = count / len(laws), law.fraud_share
         span = 12 * max(law.normal_v14[1], law.fraud_v14[1])  # 12 standard deviations beyond both means
@@ -1417,14 +1429,10 @@ def bayes_ceiling(laws: list[RowLaw], cfg: MeasurementConfig) -> Ceiling:
         flagged = odds > flag_above
         accuracy += weight * float(np.sum(np.maximum(fraud, normal)))
         cost += weight * 1000 * float(cfg.fn_cost * fraud[~flagged].sum() + cfg.fp_cost * normal[flagged].sum())
-        log_odds.append(odds)
-        fraud_mass.append(weight * fraud)
-        normal_mass.append(weight * normal)
-    order = np.argsort(-np.concatenate(log_odds), kind="stable")
-    tpr_steps, fpr_steps = np.concatenate(fraud_mass)[order], np.concatenate(normal_mass)[order]
-    tpr_before = np.cumsum(tpr_steps) - tpr_steps
-    auc = float(np.sum(fpr_steps * (tpr_before + tpr_steps / 2)) / (tpr_steps.sum() * fpr_steps.sum()))
-    return Ceiling(accuracy, auc, cost)
+        bins = np.searchsorted(LOG_ODDS_BINS, odds)
+        fraud_in_bin += np.bincount(bins, weights=weight * fraud, minlength=len(fraud_in_bin))
+        normal_in_bin += np.bincount(bins, weights=weight * normal, minlength=len(normal_in_bin))
+    return Ceiling(accuracy, auc_of_masses(fraud_in_bin, normal_in_bin), cost)
 
 
 def score_set(cfg: MeasurementConfig, ds: Dataset, probabilities: dict) -> dict:
@@ -1599,11 +1607,8 @@ def row_only_ceiling(laws: list[RowLaw], cfg: MeasurementConfig) -> Ceiling:
     flagged = fraud * (1 - t) > normal * t
     cost = 1000 * float(cfg.fn_cost * fraud[~flagged].sum() + cfg.fp_cost * normal[flagged].sum())
     with np.errstate(divide="ignore"):
-        order = np.argsort(-(np.log(fraud) - np.log(normal)), kind="stable")
-    tpr_steps, fpr_steps = fraud[order], normal[order]
-    tpr_before = np.cumsum(tpr_steps) - tpr_steps
-    auc = float(np.sum(fpr_steps * (tpr_before + tpr_steps / 2)) / (tpr_steps.sum() * fpr_steps.sum()))
-    return Ceiling(float(np.sum(np.maximum(fraud, normal))), auc, cost)
+        order = np.argsort(np.log(fraud) - np.log(normal), kind="stable")  # lowest posterior first
+    return Ceiling(float(np.sum(np.maximum(fraud, normal))), auc_of_masses(fraud[order], normal[order]), cost)
 
 
 def scenario_row_only_ceiling(name: str, cfg: MeasurementConfig) -> Ceiling:

@@ -4,6 +4,7 @@
     python tests/benchmark.py --sizes 100000  # stream scaling at 100,000 batches (about 10 minutes)
     python tests/benchmark.py --startup       # the default run's wall time against the import floor
     python tests/benchmark.py --bench         # the full scenario bench: wall time and peak memory
+    python tests/benchmark.py --bench --bench-batches 200   # the same at 200 batches a stream
     python tests/benchmark.py --sweep         # --seeds 10 --no-plots: wall time and CPU time
 
 Every figure below is measured by this script and printed; nothing is assumed.
@@ -181,7 +182,7 @@ def bench(extra: list) -> None:
         if proc.returncode:
             raise SystemExit(f"bench failed with exit status {proc.returncode}")
     print(output.splitlines()[0])
-    print(f"scenario bench, plots off, {os.cpu_count()} cores: "
+    print(f"scenario bench ({' '.join(extra)}), plots off, {os.cpu_count()} cores: "
           f"{seconds:.1f} s wall, peak memory of all its processes together {peak:.0f} MiB")
 
 
@@ -206,6 +207,7 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000])
     parser.add_argument("--startup", action="store_true", help="only the startup benchmark")
     parser.add_argument("--bench", action="store_true", help="only the scenario bench (5 seeds)")
+    parser.add_argument("--bench-batches", type=int, default=25, help="stream batches of the bench's scenarios")
     parser.add_argument("--sweep", action="store_true", help="only a sweep of 10 seeds")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
@@ -215,7 +217,7 @@ def main():
     if args.startup:
         return startup(args.repeats)
     if args.bench:
-        return bench([])
+        return bench(["--n-batches", str(args.bench_batches)])
     if args.sweep:
         return sweep(10)
     latency(args.calls)
