@@ -2556,17 +2556,20 @@ def atomic_file(path: Path, binary: bool = False):
     path = Path(path)
     text = {} if binary else dict(encoding="utf-8", newline="")
     f = tempfile.NamedTemporaryFile("wb" if binary else "w", dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
-                                    suffix=".tmp", delete=False, **text)
+                                    suffix=".new", delete=False, **text)
+    temporary = f.name
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        os.chmod(f.name, 0o666 & ~umask())  # as an ordinary file would be, not tempfile's owner-only 0600
+        temporary = f.name[:-len(".new")] + ".tmp"  # locked before it has the name a cleaner looks for
+        os.rename(f.name, temporary)
+        os.chmod(temporary, 0o666 & ~umask())  # as an ordinary file would be, not tempfile's owner-only 0600
         yield f
         f.close()
-        os.replace(f.name, path)
+        os.replace(temporary, path)
     except BaseException as e:
         with contextlib.suppress(OSError):  # a full disk fails the last flush too; the file goes all the same
             f.close()
-        Path(f.name).unlink(missing_ok=True)
+        Path(temporary).unlink(missing_ok=True)
         if isinstance(e, OSError):  # name the file that could not be written, not its temporary
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
@@ -3880,6 +3883,8 @@ def stopping_cleanly():
         if in_main_thread:
             for sig in STOPPING_SIGNALS:
                 signal.signal(sig, signal.SIG_IGN)
+            if previous[signal.SIGINT] is _interrupted_before_main:  # the script is leaving: keep ignoring them
+                previous = {}
         raise
     finally:
         for sig, handler in previous.items():

@@ -1,7 +1,7 @@
 """Benchmarks of the heal engine and the stream (not collected by pytest).
 
-    python tests/benchmark.py                 # latency, heal duration, stream scaling (about 2 minutes)
-    python tests/benchmark.py --sizes 100000  # stream scaling at 100,000 batches (about 10 minutes)
+    python tests/benchmark.py                 # latency, heal duration, stream scaling (about 3 minutes)
+    python tests/benchmark.py --sizes 100000  # stream scaling at 100,000 batches (about 20 minutes)
     python tests/benchmark.py --startup       # the default run's wall time against the import floor
     python tests/benchmark.py --bench         # the full scenario bench: wall time and peak memory
     python tests/benchmark.py --bench --bench-batches 200   # the same at 200 batches a stream

@@ -148,6 +148,8 @@ def test_async_apply_publishes_each_heal_at_the_next_batch_boundary(small_traine
         for batch in shp.drifted_batches(small_trained.data.drift, cfg, np.random.RandomState(3)):
             yield batch
             time.sleep(0.2)
+            while any(t.name == "heal" and t.is_alive() for t in threading.enumerate()):  # a loaded machine
+                time.sleep(0.01)
     result = _run_with(small_trained, tmp_path, batches=paced(), async_apply=True)
     records = result.log.records
     assert len(records) == SMALL["n_batches"] and _finite(result.model)
