@@ -3331,7 +3331,12 @@ def process_pool(workers: int, method: str, progress=None):
             process.terminate()
         for process in workers:
             process.join(timeout=2)
-        pool.shutdown(wait=False, cancel_futures=True)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        # With its workers gone the pool winds up at once; waiting for that leaves nothing for the
+        # interpreter's exit to trip over (a half-closed pool prints "Exception ignored" there).
+        pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown()
 
@@ -3858,11 +3863,15 @@ class Terminated(KeyboardInterrupt):
         self.status = 128 + signum
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated(signum)
-
-
 STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _stop(signum, frame):
+    """The first of these signals stops the run; the next ones are ignored, so that they cannot cut
+    its cleanup short (stopping workers, removing temporary files)."""
+    for sig in STOPPING_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
 
 @contextlib.contextmanager
@@ -3873,10 +3882,9 @@ def stopping_cleanly():
     previous = {}
     if in_main_thread:
         previous = {sig: signal.getsignal(sig) for sig in STOPPING_SIGNALS}
-        if previous[signal.SIGINT] is _interrupted_before_main:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, _raise_terminated)
-        signal.signal(signal.SIGHUP, _raise_terminated)
+        for sig in STOPPING_SIGNALS:
+            if previous[sig] is not signal.SIG_IGN:  # one started with Ctrl-C ignored keeps ignoring it
+                signal.signal(sig, _stop)
     try:
         yield
     except KeyboardInterrupt:
