@@ -3815,9 +3815,11 @@ def claim_out(cfg: Config) -> list[int]:
     try:
         missing_parents = [folder for folder in reversed(out.parents) if not folder.exists()]
         for folder in [*missing_parents, out, *(out / name for name in plan)]:
-            if not folder.exists():
+            try:
                 folder.mkdir()
                 created.append(folder)
+            except FileExistsError:  # there already, or made this instant by a shard starting beside this one
+                pass
             if not folder.is_dir():
                 raise ConfigError(f"cannot write to --out {cfg.out}: {folder} is not a folder")
         for name, files in plan.items():

@@ -285,3 +285,23 @@ def test_main_can_run_in_a_thread_other_than_the_main_one(tmp_path, monkeypatch)
     worker.start()
     worker.join()
     assert codes == [0]
+
+
+def test_shards_starting_together_both_make_the_out_folder(tmp_path, monkeypatch):
+    """Two shards that find --out missing both create it; the one that comes second is not refused."""
+    real_mkdir, made = shp.Path.mkdir, []
+
+    def a_neighbour_was_faster(self, *args, **kwargs):
+        if not made:
+            made.append(self)
+            real_mkdir(self, *args, **kwargs)  # the other shard makes it in between
+            raise FileExistsError(17, "File exists", str(self))
+        return real_mkdir(self, *args, **kwargs)
+    monkeypatch.setattr(shp.Path, "mkdir", a_neighbour_was_faster)
+    cfg = shp.parse_config(["--bench", "--shard", "0/2", "--out", str(tmp_path / "shared")])
+    locks = shp.claim_out(cfg)
+    try:
+        assert made == [tmp_path / "shared"] and (tmp_path / "shared" / "bench_cells").is_dir()
+    finally:
+        for fd in locks:
+            os.close(fd)
