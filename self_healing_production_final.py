@@ -811,11 +811,6 @@ class Experiment:
                                    ("healed", self.model))}}
 
 
-def run_experiment(cfg: ArticleConfig, trained: Trained = None, **options) -> tuple[Experiment, list]:
-    """Train (unless given a training), serve the whole stream; the experiment and its records."""
-    experiment = Experiment(cfg, trained or train_models(cfg), **options)
-    return experiment, list(experiment)
-
 
 # Part II. The heal engine
 #
