@@ -811,7 +811,6 @@ class Experiment:
                                    ("healed", self.model))}}
 
 
-
 # Part II. The heal engine
 #
 # Part I's stream as a service would run it, composed from parts handed to the same loop:
