@@ -367,19 +367,11 @@ class FIDIMonitor:
         self.threshold = threshold
         self.means: deque = deque(maxlen=window)
 
-    def update(self, batch_v14: np.ndarray) -> float:
-        self.means.append(float(batch_v14.mean()))
-        if len(self.means) < MIN_FIDI_ENTRIES:
-            return 0.0
-        return abs(float(np.mean(self.means)) - self.mu) / self.sigma
-
-    def drifting(self, z: float) -> bool:
-        return z > self.threshold
-
     def check(self, X: np.ndarray, proba: np.ndarray) -> tuple[float, bool]:
         """What the stream asks of its drift detector at each batch: a score, and whether it is drifting."""
-        z = self.update(X[:, V14])
-        return z, self.drifting(z)
+        self.means.append(float(X[:, V14].mean()))
+        z = abs(float(np.mean(self.means)) - self.mu) / self.sigma if len(self.means) >= MIN_FIDI_ENTRIES else 0.0
+        return z, z > self.threshold
 
 
 def rule_labels(X: np.ndarray, cfg: ArticleConfig) -> np.ndarray:
@@ -787,19 +779,12 @@ class Experiment:
         self.fidi = FIDIMonitor(trained.data.train.X[:, V14], cfg.fidi_window, cfg.fidi_threshold)
         detector = detector(trained, cfg) if detector else self.fidi  # FIDI, unless another is handed in
         self.stream = SelfHealingStream(self.model, self.shadow, trained.baseline, detector, cfg, **parts)
+        self.data, self.registry = trained.data, self.stream.registry
         self.batches = batches if batches is not None else \
             drifted_batches(trained.data.drift, cfg, copy.deepcopy(trained.rng))
 
     def __iter__(self) -> Iterator[BatchRecord]:
         return self.stream.run(self.batches)
-
-    @property
-    def data(self) -> Data:
-        return self.trained.data
-
-    @property
-    def registry(self) -> ModelRegistry:
-        return self.stream.registry
 
     def article_table(self) -> dict:
         """The article's four rows at threshold 0.5: the clean model on clean data, then the
@@ -1826,11 +1811,14 @@ def make_detector(trained: Trained, cfg: MeasurementConfig):
     return FIDIMonitor(trained.data.train.X[:, V14], cfg.fidi_window, cfg.fidi_threshold)
 
 
+def every_detector(trained: Trained, cfg: MeasurementConfig) -> dict:
+    return {name: make_detector(trained, dataclasses.replace(cfg, detector=name)) for name in DETECTORS}
+
+
 def detection_delays(scenario: str, cfg: MeasurementConfig, trained: Trained) -> dict:
     """Batches from the drift's onset (batch 1: every scenario but stationary drifts from its first
     batch on, gradual only a little at first) to each detector's first alarm; NaN if it never raises one."""
-    detectors = {name: make_detector(trained, dataclasses.replace(cfg, detector=name)) for name in DETECTORS}
-    first = {}
+    detectors, first = every_detector(trained, cfg), {}
     for t, (X, _) in enumerate(scenario_batches(scenario, cfg, trained), start=1):
         for name, detector in detectors.items():
             if detector.check(X, None)[1] and name not in first:
@@ -1842,9 +1830,8 @@ def detection_delays(scenario: str, cfg: MeasurementConfig, trained: Trained) ->
 def false_alarms(cfg: MeasurementConfig, trained: Trained, n_batches: int = 1000) -> dict:
     """Alarms per 1,000 batches of each detector on a long stream where nothing drifts (a batch with
     an alarm counts once), from a generator of its own."""
-    detectors = {name: make_detector(trained, dataclasses.replace(cfg, detector=name)) for name in DETECTORS}
+    detectors, alarms = every_detector(trained, cfg), dict.fromkeys(DETECTORS, 0)
     rng, law = np.random.RandomState([cfg.seed, 4]), scenario_law("stationary", 1, cfg)
-    alarms = dict.fromkeys(DETECTORS, 0)
     for _ in range(n_batches):
         n_fraud = rng.binomial(cfg.batch_size, law.fraud_share)
         X = draw_rows(rng, cfg.batch_size - n_fraud, n_fraud, law).X

@@ -9,12 +9,22 @@ from conftest import shp, quiet, stream
 def test_fidi_needs_three_means_then_uses_the_window():
     fidi = shp.FIDIMonitor(np.array([-1.0, 1.0], dtype=np.float32), window=3, threshold=1.0)
     assert (fidi.mu, fidi.sigma) == (0.0, 1.0 + 1e-8)
-    assert fidi.update(np.array([5.0])) == 0.0
-    assert fidi.update(np.array([5.0])) == 0.0
-    assert fidi.update(np.array([2.0])) == pytest.approx(4.0 / (1 + 1e-8))
+
+    def check(v14):
+        X = np.zeros((1, 10), dtype=np.float32)
+        X[0, shp.V14] = v14
+        return fidi.check(X, None)
+    assert check(5.0) == (0.0, False)
+    assert check(5.0) == (0.0, False)
+    z, drifting = check(2.0)
+    assert z == pytest.approx(4.0 / (1 + 1e-8)) and drifting
     # the first 5.0 leaves the window of 3: mean(5, 2, -1) = 2
-    assert fidi.update(np.array([-1.0])) == pytest.approx(2.0 / (1 + 1e-8))
-    assert fidi.drifting(1.01) and not fidi.drifting(1.0)
+    z, drifting = check(-1.0)
+    assert z == pytest.approx(2.0 / (1 + 1e-8)) and drifting
+    z, drifting = check(-1.0)  # mean(2, -1, -1) = 0: z is 0, not above the threshold
+    assert z == pytest.approx(0.0) and not drifting
+    fidi.threshold = 1.0 / (1.0 + 1e-8)  # the next z, mean(-1, -1, -1) = -1: drifting only strictly above
+    assert check(-1.0) == (fidi.threshold, False)
 
 
 def test_conflicts_are_rule_fraud_with_low_probability():
