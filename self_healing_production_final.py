@@ -2503,6 +2503,10 @@ def report(run: Run, e: Evaluation, full_table: bool = False) -> list[str]:
         f"(clean, best {cfg.keep_best}, last {cfg.keep_last}). Events: " +
         ", ".join(f"{v} {k}" for k, v in log.counts.items()) + ".",
     ]
+    healer = run.stream.healer
+    if isinstance(healer, ApplyWhenDone) and healer.job is not None:  # the stream ended, not the heal
+        lines.append(f"The heal started at batch {healer.job.batch} was not applied: the stream ended first "
+                     f"(--async-apply does not wait for heals).")
     return lines
 
 

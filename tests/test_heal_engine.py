@@ -205,3 +205,27 @@ def test_a_process_worker_heals_within_a_timeout_shorter_than_its_start_up(small
     assert results["process"].log.counts["heal_failed"] == 0
     assert results["process"].log.counts["heal"] == results["thread"].log.counts["heal"] > 0
     assert (tmp_path / "thread" / "metrics.csv").read_bytes() == (tmp_path / "process" / "metrics.csv").read_bytes()
+
+
+def test_async_apply_says_which_heal_the_end_of_the_stream_left_unapplied(small_trained, tmp_path, monkeypatch):
+    """A heal still running after the last batch is never applied: the report says so, naming its batch."""
+    real = shp.AdapterTrainer.heal
+
+    def slow(self, *args):
+        time.sleep(0.5)
+        return real(self, *args)
+    monkeypatch.setattr(shp.AdapterTrainer, "heal", slow)
+    try:
+        result = _run_with(small_trained, tmp_path, async_apply=True)
+    finally:  # an interpreter that exits under a heal still inside torch aborts
+        for thread in [t for t in threading.enumerate() if t.name == "heal"]:
+            thread.join()
+    assert [r.action for r in result.log.records] == ["heal_started"] + ["heal_busy"] * (SMALL["n_batches"] - 1)
+    lines = shp.report(result, shp.evaluate_run(result))
+    assert "The heal started at batch 1 was not applied: the stream ended first" in "\n".join(lines)
+    assert not [e for e in _events(tmp_path) if e["type"] == "heal"]
+
+
+def test_a_waited_for_heal_leaves_nothing_unapplied(small_trained, tmp_path):
+    result = _run_with(small_trained, tmp_path)
+    assert not any("was not applied" in line for line in shp.report(result, shp.evaluate_run(result)))

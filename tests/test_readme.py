@@ -34,6 +34,8 @@ def test_readme_command_prints_part_one_and_counts_its_lines():
     first, last = _part_ranges()["I"]
     assert f"sed -n {first},{last}p self_healing_production_final.py" in README
     assert f"Part I ({last - first + 1} lines)" in README
+    about = int(re.search(r"Part I of the script \(about (\d+) lines", README)[1])
+    assert abs(about - (last - first + 1)) <= 10, "the introduction's rounded length"
 
 
 def test_readme_quotes_the_slurm_job_files_as_they_are():
