@@ -128,13 +128,22 @@ def test_saturating_inputs_do_not_poison_the_adapter(small_trained, tmp_path):
     assert all(served[k].equal(clean[k]) for k in clean), "the served weights are still the clean ones"
 
 
-def test_a_hung_heal_times_out(small_trained, tmp_path, monkeypatch):
+@pytest.fixture
+def slow_heals(monkeypatch):
+    """Every heal first sleeps 0.5 s. Afterwards the test waits for the heal threads it left: an
+    interpreter that exits under a heal still inside torch aborts."""
     real = shp.AdapterTrainer.heal
 
     def slow(self, *args):
         time.sleep(0.5)
         return real(self, *args)
     monkeypatch.setattr(shp.AdapterTrainer, "heal", slow)
+    yield
+    for thread in [t for t in threading.enumerate() if t.name == "heal"]:
+        thread.join()
+
+
+def test_a_hung_heal_times_out(small_trained, tmp_path, slow_heals):
     result = _run_with(small_trained, tmp_path, heal_timeout=0.05)
     _assert_contained(result, tmp_path, "heal_failed", "did not finish within 0.05 s")
 
@@ -207,19 +216,9 @@ def test_a_process_worker_heals_within_a_timeout_shorter_than_its_start_up(small
     assert (tmp_path / "thread" / "metrics.csv").read_bytes() == (tmp_path / "process" / "metrics.csv").read_bytes()
 
 
-def test_async_apply_says_which_heal_the_end_of_the_stream_left_unapplied(small_trained, tmp_path, monkeypatch):
+def test_async_apply_says_which_heal_the_end_of_the_stream_left_unapplied(small_trained, tmp_path, slow_heals):
     """A heal still running after the last batch is never applied: the report says so, naming its batch."""
-    real = shp.AdapterTrainer.heal
-
-    def slow(self, *args):
-        time.sleep(0.5)
-        return real(self, *args)
-    monkeypatch.setattr(shp.AdapterTrainer, "heal", slow)
-    try:
-        result = _run_with(small_trained, tmp_path, async_apply=True)
-    finally:  # an interpreter that exits under a heal still inside torch aborts
-        for thread in [t for t in threading.enumerate() if t.name == "heal"]:
-            thread.join()
+    result = _run_with(small_trained, tmp_path, async_apply=True)
     assert [r.action for r in result.log.records] == ["heal_started"] + ["heal_busy"] * (SMALL["n_batches"] - 1)
     lines = shp.report(result, shp.evaluate_run(result))
     assert "The heal started at batch 1 was not applied: the stream ended first" in "\n".join(lines)
