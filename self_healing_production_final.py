@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import platform
 import re
 import shlex
@@ -193,15 +194,21 @@ def make_data(cfg: ArticleConfig) -> tuple[Data, np.random.RandomState]:
 # -- Models
 
 class ReflexiveLayer(nn.Module):
-    """Residual adapter x + scale * adapter(x): the only part that heals."""
+    """Residual adapter x + scale * adapter(x): the only part that heals. On feature maps (n, C, H, W)
+    it adapts the C channels of every position."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, identity: bool = False):
         super().__init__()
         self.adapter = nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, dim))
         self.scale = nn.Parameter(torch.tensor(0.1))
+        if identity:  # added to a model already trained: it changes nothing until a heal trains it
+            nn.init.zeros_(self.adapter[2].weight)
+            nn.init.zeros_(self.adapter[2].bias)
 
     def forward(self, x):
-        return x + self.scale * self.adapter(x)
+        if x.dim() == 2:
+            return x + self.scale * self.adapter(x)
+        return x + self.scale * self.adapter(x.movedim(1, -1)).movedim(-1, 1)
 
 
 class SelfHealingMLP(nn.Module):
@@ -237,7 +244,54 @@ class BaselineMLP(nn.Module):
         return self.net(x)
 
 
+def output_width(module: nn.Module) -> int:
+    """The width of a module's output, read from its last layer that has one (Linear, Conv, BatchNorm)."""
+    for m in reversed(list(module.modules())):
+        for width in ("out_features", "out_channels", "num_features"):
+            if isinstance(getattr(m, width, None), int):
+                return getattr(m, width)
+    raise ValueError(f"cannot tell the width of {type(module).__name__}'s output: it has no Linear, Conv or "
+                     f"BatchNorm layer")
+
+
+class Adapted(nn.Module):
+    """A trained classifier with a ReflexiveLayer after its child `name`, everything else frozen, answering
+    probabilities: n x 1 for one output (a sigmoid of it, unless the model ends in Sigmoid), n x C for C
+    (a softmax, unless it ends in Softmax). serve(layer) swaps the adapter in one assignment, so that a
+    prediction always runs one version."""
+
+    def __init__(self, model: nn.Module, name: str):
+        super().__init__()
+        self.model, self.path = model, name
+        child = model.get_submodule(name)
+        if not isinstance(child, ReflexiveLayer):  # the article's model trains its own; others get one
+            self.path = name + ".1"
+            self.serve(nn.Sequential(child, ReflexiveLayer(output_width(child), identity=True)), name)
+        leaves = [m for m in model.modules() if not list(m.children())]
+        self.logits = not isinstance(leaves[-1], (nn.Sigmoid, nn.Softmax))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in self.adapter().parameters():
+            p.requires_grad_(True)
+        model.eval()
+
+    def adapter(self) -> ReflexiveLayer:
+        return self.model.get_submodule(self.path)
+
+    def serve(self, layer: nn.Module, path: str = None) -> None:
+        parent, _, attribute = (path or self.path).rpartition(".")
+        setattr(self.model.get_submodule(parent), attribute, layer)
+
+    def forward(self, x):
+        out = self.model(x)
+        out = out[:, None] if out.dim() == 1 else out
+        if self.logits:
+            out = torch.sigmoid(out) if out.shape[1] == 1 else out.softmax(1)
+        return out
+
+
 def predict_proba(model: nn.Module, X: np.ndarray) -> np.ndarray:
+    """Probabilities: n for a model with one output, n x C for C."""
     with torch.inference_mode():
         return model(torch.from_numpy(X)).squeeze(1).numpy()
 
@@ -350,7 +404,15 @@ def classify(y: np.ndarray, predicted: np.ndarray) -> Metrics:
 
 
 def metrics_at(y: np.ndarray, proba: np.ndarray, threshold: float = 0.5) -> Metrics:
-    return classify(y, proba > threshold)
+    """Binary: predicted fraud above threshold. C classes (proba n x C): the most probable class; precision,
+    recall and F1 averaged over the classes, counts summed over them (each class against the rest)."""
+    if proba.ndim == 1:
+        return classify(y, proba > threshold)
+    predicted = proba.argmax(1)
+    per_class = [classify(y == c, predicted == c) for c in range(proba.shape[1])]
+    return Metrics(float(np.mean(predicted == y)),
+                   *[float(np.mean([getattr(m, name) for m in per_class])) for name in ("precision", "recall", "f1")],
+                   *[sum(getattr(m, name) for m in per_class) for name in ("tp", "tn", "fp", "fn")])
 
 
 # -- Detection
@@ -359,17 +421,18 @@ MIN_FIDI_ENTRIES = 3  # the article computes z only once the window holds 3 mean
 
 
 class FIDIMonitor:
-    """Feature-level drift index: z of the windowed V14 batch mean against training."""
+    """Feature-level drift index: z of the windowed batch mean of one input feature (V14 in the article)
+    against that feature's training values."""
 
-    def __init__(self, train_v14: np.ndarray, window: int, threshold: float):
-        self.mu = float(train_v14.mean())
-        self.sigma = float(train_v14.std()) + 1e-8
-        self.threshold = threshold
+    def __init__(self, train_values: np.ndarray, window: int, threshold: float, feature: int = V14):
+        self.mu = float(train_values.mean())
+        self.sigma = float(train_values.std()) + 1e-8
+        self.threshold, self.feature = threshold, feature
         self.means: deque = deque(maxlen=window)
 
     def check(self, X: np.ndarray, proba: np.ndarray) -> tuple[float, bool]:
-        """What the stream asks of its drift detector at each batch: a score, and whether it is drifting."""
-        self.means.append(float(X[:, V14].mean()))
+        """What the self-healer asks of its drift detector at each batch: a score, and whether it drifts."""
+        self.means.append(float(X[:, self.feature].mean()))
         z = abs(float(np.mean(self.means)) - self.mu) / self.sigma if len(self.means) >= MIN_FIDI_ENTRIES else 0.0
         return z, z > self.threshold
 
@@ -380,7 +443,10 @@ def rule_labels(X: np.ndarray, cfg: ArticleConfig) -> np.ndarray:
 
 
 def conflicts(rule: np.ndarray, proba: np.ndarray, cfg: ArticleConfig) -> np.ndarray:
-    """Rows the rule calls fraud while the model is confident they are not."""
+    """Rows the rule calls fraud while the model is confident they are not (with C classes: rows to
+    whose rule class the model gives a probability below conflict_thr)."""
+    if proba.ndim == 2:
+        return proba[np.arange(len(rule)), rule.astype(int)] < cfg.conflict_thr
     return (rule == 1) & (proba < cfg.conflict_thr)
 
 
@@ -395,16 +461,8 @@ def pos_weight(fraud_frac: float) -> float:
 class HealBatch:
     """What a heal and the health monitor may see: features and their targets."""
     X: np.ndarray
-    targets: np.ndarray  # the batch's true labels in the article
-    rule: np.ndarray
-
-
-class LabelSupervision:
-    """What the heal learns from, in the article: each batch's own true labels."""
-
-    def view(self, X: np.ndarray, labels: Callable[[], np.ndarray], rule: np.ndarray) -> Optional[HealBatch]:
-        # `labels` is a callable, so that a mode that must not read them never does (Part III has such modes).
-        return HealBatch(X, labels(), rule)
+    targets: np.ndarray  # the batch's true labels in the article; the rule's, when healing without labels
+    rule: Optional[np.ndarray]
 
 
 def mean_binary_entropy(proba):
@@ -414,12 +472,19 @@ def mean_binary_entropy(proba):
 
 def heal_loss(proba, targets, rule, weight, cfg: ArticleConfig):
     """alpha * weighted BCE(targets) + (1 - alpha) * lambda * BCE(rule) + entropy term. The probabilities
-    are turned back into logits the article's way; its 1e-8 guards are part of what reproduces its numbers."""
-    logits = torch.log(proba / (1 - proba + 1e-8))
-    supervised = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=torch.tensor(weight))
-    symbolic = F.binary_cross_entropy(proba, rule)
-    return (cfg.alpha * supervised + (1 - cfg.alpha) * cfg.lambda_lag * symbolic
-            + cfg.entropy_weight * mean_binary_entropy(proba))
+    are turned back into logits the article's way; its 1e-8 guards are part of what reproduces its numbers.
+    With C classes (proba n x C) the same three terms are cross-entropies and the mean entropy."""
+    if proba.shape[1] == 1:
+        logits = torch.log(proba / (1 - proba + 1e-8))
+        supervised = F.binary_cross_entropy_with_logits(logits, targets[:, None], pos_weight=torch.tensor(weight))
+        symbolic = F.binary_cross_entropy(proba, rule[:, None]) if rule is not None else torch.zeros(())
+        entropy = mean_binary_entropy(proba)
+    else:
+        log_proba = torch.log(proba + 1e-8)
+        supervised = F.nll_loss(log_proba, targets.long())
+        symbolic = F.nll_loss(log_proba, rule.long()) if rule is not None else torch.zeros(())
+        entropy = -(proba * log_proba).sum(1).mean()
+    return cfg.alpha * supervised + (1 - cfg.alpha) * cfg.lambda_lag * symbolic + cfg.entropy_weight * entropy
 
 
 class HealRejected(RuntimeError):
@@ -434,26 +499,26 @@ class HealResult:
 
 
 class AdapterTrainer:
-    """A private ReflexiveLayer and one Adam optimizer over it, kept across heals (as in the
-    article; a rollback does not reset it). Each heal trains copies of both and commits them
-    only when loss and weights stayed finite, so a rejected heal leaves nothing behind."""
+    """A private copy of the model and one Adam optimizer over its ReflexiveLayer, kept across heals
+    (as in the article; a rollback does not reset it). Each heal trains copies of the layer and the
+    optimizer and commits them only when loss and weights stayed finite, so a rejected heal leaves
+    nothing behind. The copy is its own: the served model answers requests meanwhile."""
 
-    def __init__(self, model: SelfHealingMLP, cfg: ArticleConfig):
-        self.backbone, self.head, self.cfg = model.backbone, model.head, cfg
-        self.layer = copy.deepcopy(model.reflexive)
+    def __init__(self, model: Adapted, cfg: ArticleConfig):
+        self.model, self.cfg = copy.deepcopy(model), cfg
+        self.layer = self.model.adapter()
         self.optimizer = Adam(self.layer.parameters(), lr=cfg.heal_lr)
 
     def heal(self, batch: HealBatch, weight: float) -> HealResult:
         start = time.perf_counter()
         layer, optimizer = copy.deepcopy((self.layer, self.optimizer))
-        with torch.no_grad():  # the backbone is frozen: its features are fixed
-            features = self.backbone(torch.from_numpy(batch.X))
-        targets = torch.from_numpy(batch.targets).unsqueeze(1)
-        rule = torch.from_numpy(batch.rule).unsqueeze(1)
+        self.model.serve(layer)
+        X, targets = torch.from_numpy(batch.X), torch.from_numpy(batch.targets)
+        rule = None if batch.rule is None else torch.from_numpy(batch.rule)
         losses = []
         for step in range(self.cfg.heal_steps):
             optimizer.zero_grad()
-            loss = heal_loss(self.head(layer(features)), targets, rule, weight, self.cfg)
+            loss = heal_loss(self.model(X), targets, rule, weight, self.cfg)
             if not torch.isfinite(loss):
                 raise HealRejected(f"non-finite loss at step {step + 1}")
             loss.backward()
@@ -488,11 +553,11 @@ class HealOutcome:
 
 
 class InlineHealer:
-    """The article's healer: each heal runs in the serving thread, and the stream waits for it. Every healer
-    has these calls: submit(job) asks for a heal and names the batch's action; finished() hands back the heals
-    done, to publish now; restore(state) continues from a rollback. Part II's run elsewhere, or do not wait."""
+    """The article's way: each heal runs at once, in the caller's thread. (Part II runs heals in a thread
+    or a process instead, through the same three calls: submit a job and name the batch's action, hand
+    back the finished heals, restore after a rollback.)"""
 
-    def __init__(self, model: SelfHealingMLP, cfg: ArticleConfig):
+    def __init__(self, model: Adapted, cfg: ArticleConfig):
         self.trainer = AdapterTrainer(model, cfg)
         self.done: list[HealOutcome] = []
 
@@ -600,7 +665,7 @@ class HealthMonitor:
         self.updates = 0
 
 
-# -- The stream
+# -- The self-healer
 
 def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
@@ -608,9 +673,9 @@ def now_iso() -> str:
 
 @dataclass
 class BatchRecord:
-    """One stream batch: what was decided, how each model scored on it, and its events."""
+    """One served batch: what was decided, how each model scored on it, and its events."""
     batch: int
-    state: str = "HEALTHY"  # HEALTHY, DRIFTING, HEALING, ROLLED_BACK (or Part II's QUARANTINED)
+    state: str = "HEALTHY"  # HEALTHY, DRIFTING, HEALING, ROLLED_BACK or QUARANTINED
     action: str = "none"
     drifting: bool = False
     z: float = math.nan
@@ -632,86 +697,125 @@ class BatchRecord:
         self.events.append({"type": kind, "batch": batch, "time": now_iso(), **details})
 
     @property
+    def healed_here(self) -> bool:
+        """Whether the heal asked for at this batch was published at this batch."""
+        return any(e["type"] == "heal" and e["batch"] == self.batch for e in self.events)
+
+    @property
     def lift(self) -> Optional[float]:
         """The article's lift: healed accuracy minus shadow accuracy, on the batch the heal trained on."""
         return None if self.healed is None else self.healed.accuracy - self.shadow.accuracy
 
 
-def drifted_batches(data: Dataset, cfg: ArticleConfig, rng: np.random.RandomState) -> Iterator[tuple]:
-    """The article's stream: batch_size rows drawn with replacement from the drifted set."""
-    for _ in range(cfg.n_batches):
-        idx = rng.choice(len(data.X), cfg.batch_size, replace=True)
-        yield data.X[idx], data.y[idx]
+def quarantined(X: np.ndarray) -> Optional[str]:
+    """Why a batch must not be served: features that are NaN or infinite (its answers would mean nothing)."""
+    bad = int((~np.isfinite(X)).any(axis=1).sum())
+    return f"{bad} rows with NaN or infinite features" if bad else None
 
 
-def admit_every_batch(X: np.ndarray) -> Optional[str]:
-    """The article's gate on batches: none. A gate returns why a batch must not be served, or None."""
-    return None
+HEALER_OPTIONS = ("conflict_thr", "conflict_min", "heal_steps", "heal_lr", "alpha", "lambda_lag", "entropy_weight",
+                  "rollback_f1_drop", "rollback_acc_drop", "health_window", "min_batches_before_rollback",
+                  "keep_best", "keep_last")  # SelfHealer's keyword options: ArticleConfig's fields, its defaults
 
 
-class SelfHealingStream:
-    """Serves each batch, watches for drift, heals, keeps versions, rolls back.
+class SelfHealer:
+    """Self-healing around a trained PyTorch classifier: the article's method for any model.
 
-    What watches for drift (detector), what the heal learns from (supervision), where and when it
-    runs (healer) and which batches are served at all (gate) are handed in; the loop is the same
-    whatever they are.
+    SelfHealer(model, name) puts a ReflexiveLayer after the child module `name` (or heals it, when that
+    child is one already, as in the article's model) and freezes everything else, in a copy: the model
+    handed in is not changed. The model returns one output per row (binary: a probability when it ends
+    in a Sigmoid, else a logit) or C (probabilities after a Softmax, else logits).
+
+        proba = healer.predict(X)   # serve batch number 1, 2, ...: probabilities, n or n x C
+        healer.observe(batch, y)    # that batch's labels, whenever they arrive (or never)
+
+    A heal is due when the detector says the stream drifts (every batch, without a detector) or the rule
+    and the model disagree on at least conflict_min rows. With supervision "labels" it waits for labels
+    and learns from the newest labelled batch; with "rules" it heals at once on the rule's labels. Each
+    heal is versioned in the registry; when the health window degrades the best post-heal version is
+    restored. `records` holds the per-batch records the monitoring exports are written from.
+
+    detector: an object with check(X, proba) -> (score, drifting), such as FIDIMonitor. rule: X -> a label
+    per row, the article's symbolic rule. healer: where heals run (InlineHealer; Part II has others).
+    Keyword options: HEALER_OPTIONS, with the article's defaults.
     """
 
-    def __init__(self, model: SelfHealingMLP, shadow: nn.Module, baseline: nn.Module, detector: FIDIMonitor,
-                 cfg: ArticleConfig, supervision=None, healer=InlineHealer, gate=admit_every_batch):
-        self.model, self.shadow, self.baseline, self.detector, self.cfg = model, shadow, baseline, detector, cfg
-        self.supervision = supervision or LabelSupervision()
-        self.healer = healer(model, cfg)  # built on the served model
-        self.gate = gate
-        self.registry = ModelRegistry(cfg.keep_best, cfg.keep_last)
-        self.registry.save(model.reflexive, 0, "clean", float("nan"), float("nan"))
-        self.health = HealthMonitor(cfg)
+    def __init__(self, model: nn.Module, name: str, *, detector=None, rule: Callable = None,
+                 supervision: str = "labels", healer: Callable = InlineHealer, max_pending: int = 100,
+                 keep_records: int = 10_000, **options):
+        unknown = sorted(set(options) - set(HEALER_OPTIONS))
+        if unknown or supervision not in ("labels", "rules") or (supervision == "rules" and rule is None):
+            raise TypeError(f"SelfHealer: unknown option {unknown[0]!r}" if unknown else
+                            "SelfHealer: supervision is 'labels' or 'rules' (which needs a rule)")
+        self.cfg = dataclasses.replace(ArticleConfig(), **options)
+        self.model = Adapted(copy.deepcopy(model), name)
+        self.detector, self.rule, self.supervision = detector, rule, supervision
+        self.healer = healer(self.model, self.cfg)
+        self.registry = ModelRegistry(self.cfg.keep_best, self.cfg.keep_last)
+        self.registry.save(self.model.adapter(), 0, "clean", math.nan, math.nan)
+        self.health = HealthMonitor(self.cfg)
+        self.records: deque = deque(maxlen=keep_records)
+        self.pending: dict = {}  # batch -> (X, served probabilities, rule labels, record) until labels arrive
+        self.max_pending, self.served, self.wants_heal = max_pending, 0, False
 
-    def run(self, batches: Iterable[tuple]) -> Iterator[BatchRecord]:
-        """Serve every batch in turn; yield each batch's record as soon as it is done."""
-        try:
-            for i, (X, y) in enumerate(batches, start=1):
-                yield self.step(i, X, y)
-        finally:
-            self.healer.close()
-
-    def step(self, i: int, X: np.ndarray, y: np.ndarray) -> BatchRecord:
-        """publish finished heals -> gate -> serve -> score -> detect -> heal -> publish -> health -> rollback."""
-        cfg, record = self.cfg, BatchRecord(i)
-        self.publish_finished(record)  # heals that finished since the last batch (applied without waiting)
-        refused = self.gate(X)
+    def predict(self, X) -> np.ndarray:
+        """Serve the next batch: publish heals finished meanwhile, answer, then watch for drift."""
+        X = np.asarray(X.detach() if torch.is_tensor(X) else X, dtype=np.float32)
+        self.served += 1
+        record = BatchRecord(self.served)
+        self.records.append(record)
+        self.publish_finished(record)
+        refused = quarantined(X)
         if refused:
-            record.state, record.action = "QUARANTINED", "quarantined"
-            record.event("batch_quarantined", i, reason=refused)
-            return record
-        served_proba = predict_proba(self.model, X)  # serve: answered before anything learns from it
-        record.served = metrics_at(y, served_proba)
-        record.shadow = metrics_at(y, predict_proba(self.shadow, X))
-        record.baseline = metrics_at(y, predict_proba(self.baseline, X))
-        record.z, record.drifting = self.detector.check(X, served_proba)
-        rule = rule_labels(X, cfg)
-        record.conflicts = int(conflicts(rule, served_proba, cfg).sum())
-        wants_heal = record.drifting or record.conflicts >= cfg.conflict_min
+            record.state, record.action, self.wants_heal = "QUARANTINED", "quarantined", False
+            record.event("batch_quarantined", record.batch, reason=refused)
+            return np.full(len(X), np.nan, dtype=np.float32)
+        proba = predict_proba(self.model, X)  # answered before anything learns from this batch
+        record.z, record.drifting = self.detector.check(X, proba) if self.detector else (math.nan, False)
+        rule = self.rule(X) if self.rule else None
+        record.conflicts = int(conflicts(rule, proba, self.cfg).sum()) if rule is not None else 0
+        self.wants_heal = self.detector is None or record.drifting or record.conflicts >= self.cfg.conflict_min
+        self.pending[record.batch] = (X, proba, rule, record)
+        if len(self.pending) > self.max_pending:
+            del self.pending[min(self.pending)]
+        if self.supervision == "rules":
+            self.learn(HealBatch(X, rule, rule), proba)
+        elif self.wants_heal:
+            record.action = "await_labels"
+        self.settle(record)
+        return proba
 
-        view = self.supervision.view(X, lambda: y, rule)  # what the heal may learn from
-        if view is None:  # labels that have not arrived yet
-            record.action = "await_labels" if wants_heal else record.action
-        else:
-            view_proba = served_proba if view.X is X else predict_proba(self.model, view.X)
-            view_conflicts = conflicts(view.rule, view_proba, cfg)
-            record.fraud_frac = float(view.targets[view_conflicts].mean()) if view_conflicts.any() else 0.0
+    def observe(self, batch: int, y) -> None:
+        """The labels of served batch number `batch`: they score it and, with supervision "labels",
+        feed the heal (labels of batches older than max_pending are dropped)."""
+        if not 1 <= batch <= self.served:
+            raise ValueError(f"batch {batch} has not been served")
+        if batch not in self.pending:
+            return
+        X, proba, rule, record = self.pending.pop(batch)
+        y = np.asarray(y.detach() if torch.is_tensor(y) else y, dtype=np.float32)
+        if record.served is None:
+            record.served = metrics_at(y, proba)
+        if self.supervision == "labels":
+            self.learn(HealBatch(X, y, rule), proba if record is self.records[-1] else None)
+            self.settle(self.records[-1])
+
+    def learn(self, view: HealBatch, view_proba: Optional[np.ndarray]) -> None:
+        """Heal on a labelled batch if the newest batch asked for one, else only tell the health monitor."""
+        record, cfg = self.records[-1], self.cfg
+        if view_proba is None:  # a late batch: scored by the model served now
+            view_proba = predict_proba(self.model, view.X)
+        record.pos_weight = 1.0  # the article's schedule below needs a rule and one output
+        if view.rule is not None and view_proba.ndim == 1:
+            hits = conflicts(view.rule, view_proba, cfg)
+            record.fraud_frac = float(view.targets[hits].mean()) if hits.any() else 0.0
             record.pos_weight = pos_weight(record.fraud_frac)
-            before = metrics_at(view.targets, view_proba)
-            if wants_heal:
-                record.action = self.healer.submit(HealJob(i, view, record.pos_weight, before))
-            if self.publish_finished(record):  # a healer that waits hands this batch's heal back here
-                record.healed = metrics_at(y, predict_proba(self.model, X))
-            else:
-                self.monitor(record, before, post_heal=False)
-        record.state = ("ROLLED_BACK" if record.restored_version is not None else
-                        "HEALING" if record.version_post is not None or record.action == "heal_started" else
-                        "DRIFTING" if record.drifting else "HEALTHY")
-        return record
+        before = metrics_at(view.targets, view_proba)
+        if self.wants_heal:
+            self.wants_heal = False
+            record.action = self.healer.submit(HealJob(record.batch, view, record.pos_weight, before))
+        if not self.publish_finished(record):
+            self.monitor(record, before, post_heal=False)
 
     def publish_finished(self, record: BatchRecord) -> bool:
         """Publish every heal the healer has finished, or log why it was rejected. True when one of
@@ -731,8 +835,8 @@ class SelfHealingStream:
     def publish(self, record: BatchRecord, job: HealJob, result: HealResult) -> None:
         """Version the heal (pre and post snapshots), serve it, and tell the health monitor."""
         before = job.before
-        pre_snap = self.registry.save(self.model.reflexive, job.batch, "pre_heal", before.accuracy, before.f1)
-        self.model.reflexive = result.layer  # the atomic swap that publishes the heal
+        pre_snap = self.registry.save(self.model.adapter(), job.batch, "pre_heal", before.accuracy, before.f1)
+        self.model.serve(result.layer)  # the atomic swap that publishes the heal
         after = metrics_at(job.view.targets, predict_proba(self.model, job.view.X))
         post_snap = self.registry.save(result.layer, job.batch, "post_heal", after.accuracy, after.f1)
         record.action, record.version_pre, record.version_post = "heal", pre_snap.version, post_snap.version
@@ -753,7 +857,7 @@ class SelfHealingStream:
             return
         restored = copy.deepcopy(layer)
         restored.load_state_dict(target.state)
-        self.model.reflexive = restored
+        self.model.serve(restored)
         self.healer.restore(target.state)  # later heals start from the restored weights
         self.health.restart()
         record.action, record.restored_version = "heal+rollback", target.version
@@ -764,27 +868,82 @@ class SelfHealingStream:
         self.health.record(m.accuracy, m.f1, post_heal)
         record.monitor_accuracy, record.monitor_f1 = m.accuracy, m.f1
 
+    @staticmethod
+    def settle(record: BatchRecord) -> None:
+        record.state = ("ROLLED_BACK" if record.restored_version is not None else
+                        "HEALING" if record.version_post is not None or record.action == "heal_started" else
+                        "DRIFTING" if record.drifting else "HEALTHY")
 
-# -- The experiment
+    def close(self) -> None:
+        """Stop the healer's worker, if it has one."""
+        self.healer.close()
+
+
+# -- The stream and the experiment
+
+class LateArrivals:
+    """Items that arrive `delay` batches after they were sent: push one per batch, get back the
+    one that arrives now (None while the first ones are still on their way)."""
+
+    def __init__(self, delay: int):
+        self.delay = delay
+        self.pending: deque = deque()
+
+    def push(self, item):
+        self.pending.append(item)
+        return self.pending.popleft() if len(self.pending) > self.delay else None
+
+
+def drifted_batches(data: Dataset, cfg: ArticleConfig, rng: np.random.RandomState) -> Iterator[tuple]:
+    """The article's stream: batch_size rows drawn with replacement from the drifted set."""
+    for _ in range(cfg.n_batches):
+        idx = rng.choice(len(data.X), cfg.batch_size, replace=True)
+        yield data.X[idx], data.y[idx]
+
 
 class Experiment:
-    """One run of the article on trained models: copies of them and the stream over them.
-    Iterating it serves the batches, one record each; afterwards it holds the healed model.
-    `batches` (the article's stream unless given) and the stream's parts can be handed in."""
+    """One run of the article on trained models: the self-healer around a copy of the trained model,
+    and the frozen shadow and the unhealed baseline scored beside it on every batch. Iterating it
+    serves the batches, one record each. The labels of each batch come right after its answers, as in
+    the article (or label_delay batches later). `batches` (the article's stream unless given), the
+    detector (FIDI unless given) and the healer's other arguments can be handed in."""
 
-    def __init__(self, cfg: ArticleConfig, trained: Trained, batches: Iterable = None, detector=None, **parts):
-        self.cfg, self.trained = cfg, trained
-        # Copies, so that one training can serve several runs (tests do this).
-        self.model, self.shadow = copy.deepcopy(trained.model), copy.deepcopy(trained.baseline)
+    def __init__(self, cfg: ArticleConfig, trained: Trained, batches: Iterable = None, detector=None,
+                 label_delay: int = 0, **healer_arguments):
+        self.cfg, self.trained, self.data = cfg, trained, trained.data
         self.fidi = FIDIMonitor(trained.data.train.X[:, V14], cfg.fidi_window, cfg.fidi_threshold)
-        detector = detector(trained, cfg) if detector else self.fidi  # FIDI, unless another is handed in
-        self.stream = SelfHealingStream(self.model, self.shadow, trained.baseline, detector, cfg, **parts)
-        self.data, self.registry = trained.data, self.stream.registry
+        detector = detector(trained, cfg) if detector else self.fidi
+        self.healer = SelfHealer(trained.model, "reflexive", detector=detector, rule=lambda X: rule_labels(X, cfg),
+                                 max_pending=label_delay + 1, keep_records=1, **healer_arguments,
+                                 **{name: getattr(cfg, name) for name in HEALER_OPTIONS})
+        self.model, self.registry = self.healer.model, self.healer.registry
+        self.shadow = copy.deepcopy(trained.baseline)
+        self.labels = LateArrivals(label_delay)
         self.batches = batches if batches is not None else \
             drifted_batches(trained.data.drift, cfg, copy.deepcopy(trained.rng))
 
     def __iter__(self) -> Iterator[BatchRecord]:
-        return self.stream.run(self.batches)
+        try:
+            for i, (X, y) in enumerate(self.batches, start=1):
+                yield self.step(i, X, y)
+        finally:
+            self.healer.close()
+
+    def step(self, i: int, X: np.ndarray, y: np.ndarray) -> BatchRecord:
+        """serve -> score against the shadow and the baseline -> labels -> heal -> healed score."""
+        proba = self.healer.predict(X)
+        record = self.healer.records[-1]
+        if record.state == "QUARANTINED":
+            return record
+        record.served = metrics_at(y, proba)
+        record.shadow = metrics_at(y, predict_proba(self.shadow, X))
+        record.baseline = metrics_at(y, predict_proba(self.trained.baseline, X))
+        arrived = self.labels.push((i, y))
+        if arrived is not None:
+            self.healer.observe(*arrived)
+        if record.healed_here:
+            record.healed = metrics_at(y, predict_proba(self.model, X))
+        return record
 
     def article_table(self) -> dict:
         """The article's four rows at threshold 0.5: the clean model on clean data, then the
@@ -798,21 +957,20 @@ class Experiment:
 
 # Part II. The heal engine
 #
-# Part I's stream as a service would run it, composed from parts handed to the same loop:
-# a healer that runs heals in a thread or a worker process (never holding anything that
-# inference needs), waits at most --heal-timeout for each and contains its faults, or
-# applies it without waiting; and a gate that quarantines batches with non-finite features.
-# Uses Part I.
+# Where a SelfHealer's heals run when a service cannot wait for them in its serving thread:
+# in a thread or a worker process (never holding anything that inference needs), waited for
+# at most --heal-timeout and with their faults contained, or applied when done without
+# waiting. Each is a healer with the calls of Part I's InlineHealer. Uses Part I.
 
-HEAL_WORKERS = ("thread", "process", "inline")
+HEAL_WORKERS = ("inline", "thread", "process")
 
 
 @dataclass(frozen=True)
 class EngineConfig(ArticleConfig):
     """The heal engine: where heals run, how long one may take, whether the stream waits for them."""
-    heal_worker: str = knob("thread", "where heals run: thread (starts at once), process (no interpreter lock "
-                            "shared with inference; about 2 s to start) or inline (in the serving thread, as the "
-                            "article; no timeout)", choices=HEAL_WORKERS, role="run")
+    heal_worker: str = knob("inline", "where heals run: inline (in the serving thread, as the article; no "
+                            "timeout), thread (starts at once) or process (no interpreter lock shared with "
+                            "inference; about 2 s to start)", choices=HEAL_WORKERS, role="run")
     heal_timeout: float = knob(30.0, "seconds to wait for one heal before rejecting it", "(0, 86400]", role="run")
     async_apply: bool = knob(False, "do not wait for a heal: serve on and apply it at the first batch boundary "
                              "after it finishes (timing-dependent, so not reproducible)")
@@ -850,7 +1008,7 @@ class ThreadHeals:
     interpreter lock with inference, which slows predictions (never stops them: no lock of
     ours is shared) while a heal runs."""
 
-    def __init__(self, model: SelfHealingMLP, cfg: EngineConfig):
+    def __init__(self, model: Adapted, cfg: ArticleConfig):
         self.model, self.cfg = model, cfg
         self.trainer = AdapterTrainer(model, cfg)
         self.future: Optional[Future] = None
@@ -896,14 +1054,11 @@ class ThreadHeals:
         self.future = None
 
 
-def heal_worker_loop(conn, model_arrays: dict, cfg: EngineConfig, parent: int) -> None:
+def heal_worker_loop(conn, pickled_model: bytes, cfg: ArticleConfig, parent: int) -> None:
     """The heal worker process: heal or restore on request, reply with the outcome."""
     die_with_parent(parent)
     use_one_torch_thread()
-    model = SelfHealingMLP(cfg.hidden_dim)
-    model.load_state_dict(from_arrays(model_arrays))
-    model.freeze_backbone_and_head()
-    trainer = AdapterTrainer(model, cfg)
+    trainer = AdapterTrainer(pickle.loads(pickled_model), cfg)
     try:
         conn.send(("ready",))
         while True:
@@ -930,7 +1085,7 @@ class ProcessHeals:
 
     STARTUP_TIMEOUT = 120.0  # seconds for a worker to import torch and build its model; not a heal's time
 
-    def __init__(self, model: SelfHealingMLP, cfg: EngineConfig):
+    def __init__(self, model: Adapted, cfg: ArticleConfig):
         self.model, self.cfg = model, cfg
         self.process, self.conn = None, None
         self.pending, self.failed = False, None
@@ -941,7 +1096,7 @@ class ProcessHeals:
             context = multiprocessing.get_context("spawn")  # safe beside running threads, unlike fork
             self.conn, theirs = context.Pipe()
             self.process = context.Process(target=heal_worker_loop, name="heal-worker", daemon=True,
-                                           args=(theirs, to_arrays(self.model.state_dict()), self.cfg, os.getpid()))
+                                           args=(theirs, pickle.dumps(self.model), self.cfg, os.getpid()))
             with ignoring_ctrl_c():
                 self.process.start()
             theirs.close()
@@ -975,7 +1130,7 @@ class ProcessHeals:
         if status != "ok":
             raise HealRejected(payload)
         arrays, losses, seconds = payload
-        layer = copy.deepcopy(self.model.reflexive)  # a new object to serve, built from the arrays
+        layer = copy.deepcopy(self.model.adapter())  # a new object to serve, built from the arrays
         layer.load_state_dict(from_arrays(arrays))
         return HealResult(layer, losses, seconds)
 
@@ -1077,23 +1232,15 @@ class ApplyWhenDone(WaitForHeal):
         return done
 
 
-def make_healer(model: SelfHealingMLP, cfg: EngineConfig):
-    """The healer the engine flags ask for, built on the served model."""
-    if cfg.heal_worker == "inline":
-        return InlineHealer(model, cfg)
-    heals = (ProcessHeals if cfg.heal_worker == "process" else ThreadHeals)(model, cfg)
-    return (ApplyWhenDone if cfg.async_apply else WaitForHeal)(heals, cfg.heal_timeout)
-
-
-def quarantine_non_finite(X: np.ndarray) -> Optional[str]:
-    """A batch with NaN or infinite features is not served (its predictions would mean nothing)."""
-    bad = int((~np.isfinite(X)).any(axis=1).sum())
-    return f"{bad} rows with NaN or infinite features" if bad else None
-
-
-def engine_parts(cfg: EngineConfig) -> dict:
-    """The heal engine's parts for Part I's stream."""
-    return dict(healer=make_healer, gate=quarantine_non_finite)
+def heals_in(worker: str = "thread", timeout: float = 30.0, apply_when_done: bool = False) -> Callable:
+    """A SelfHealer's healer argument: heals in a thread or a worker process ("inline": Part I's), each
+    waited for at most `timeout` seconds, or with apply_when_done applied at the first batch after it ends."""
+    def healer(model: Adapted, cfg: ArticleConfig):
+        if worker == "inline":
+            return InlineHealer(model, cfg)
+        heals = (ProcessHeals if worker == "process" else ThreadHeals)(model, cfg)
+        return (ApplyWhenDone if apply_when_done else WaitForHeal)(heals, timeout)
+    return healer
 
 
 # Part III. Honest measurement
@@ -1144,50 +1291,12 @@ class MeasurementConfig(EngineConfig):
     fp_cost: float = knob(200.0, "cost of a false alarm", "[0, 1000000000]", role="cost")
 
 
-# -- Supervision with fewer labels
-
-class RuleSupervision(LabelSupervision):
-    """No ground truth anywhere: the rule's labels stand in for the true ones."""
-
-    def view(self, X, labels, rule):
-        return HealBatch(X, rule, rule)
-
-
-class LateArrivals:
-    """Items that arrive `delay` batches after they were sent: push one per batch, get back the
-    one that arrives now (None while the first ones are still on their way)."""
-
-    def __init__(self, delay: int):
-        self.delay = delay
-        self.pending: deque = deque()
-
-    def push(self, item):
-        self.pending.append(item)
-        return self.pending.popleft() if len(self.pending) > self.delay else None
-
-
-class DelayedSupervision(LabelSupervision):
-    """The true labels of batch i arrive K batches late: the heal at batch i learns from batch i-K."""
-
-    def __init__(self, delay: int):
-        self.labelled = LateArrivals(delay)
-
-    def view(self, X, labels, rule):
-        return self.labelled.push(HealBatch(X, labels(), rule))
-
-
-def make_supervision(cfg: MeasurementConfig) -> LabelSupervision:
-    if cfg.supervision == "rules":
-        return RuleSupervision()
-    if cfg.supervision == "delayed":
-        return DelayedSupervision(cfg.label_delay)
-    return LabelSupervision()
-
-
 def stream_parts(cfg: MeasurementConfig) -> dict:
-    """Everything the flags hand to Part I's stream: the drift detector, the supervision mode and the
-    engine's parts."""
-    return dict(detector=make_detector, supervision=make_supervision(cfg), **engine_parts(cfg))
+    """Everything the flags hand to Part I's experiment: the drift detector, what the heal learns from and
+    when its labels arrive, and where heals run."""
+    return dict(detector=make_detector, supervision="rules" if cfg.supervision == "rules" else "labels",
+                label_delay=cfg.label_delay if cfg.supervision == "delayed" else 0,
+                healer=heals_in(cfg.heal_worker, cfg.heal_timeout, cfg.async_apply))
 
 
 # -- What a run logs
@@ -1882,11 +1991,11 @@ class HealMethod(StreamMethod):
         self.batches += 1
         # With rules, no label is handed over: the rule's own labels stand in for y in the stream's
         # per-batch scores, which decide nothing.
-        record = self.experiment.stream.step(self.batches, X, rule_labels(X, self.cfg) if y is None else y)
+        record = self.experiment.step(self.batches, X, rule_labels(X, self.cfg) if y is None else y)
         self.adaptations += sum(e["type"] == "heal" for e in record.events)
 
     def close(self):
-        self.experiment.stream.healer.close()
+        self.experiment.healer.close()
 
 
 class Restandardize(StreamMethod):
@@ -2503,7 +2612,7 @@ def report(run: Run, e: Evaluation, full_table: bool = False) -> list[str]:
         f"(clean, best {cfg.keep_best}, last {cfg.keep_last}). Events: " +
         ", ".join(f"{v} {k}" for k, v in log.counts.items()) + ".",
     ]
-    healer = run.stream.healer
+    healer = run.healer.healer
     if isinstance(healer, ApplyWhenDone) and healer.job is not None:  # the stream ended, not the heal
         lines.append(f"The heal started at batch {healer.job.batch} was not applied: the stream ended first "
                      f"(--async-apply does not wait for heals).")
