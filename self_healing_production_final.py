@@ -244,14 +244,16 @@ class BaselineMLP(nn.Module):
         return self.net(x)
 
 
-def output_width(module: nn.Module) -> int:
-    """The width of a module's output, read from its last layer that has one (Linear, Conv, BatchNorm)."""
-    for m in reversed(list(module.modules())):
+def output_width(model: nn.Module, child: nn.Module) -> int:
+    """The width of a child's output: that of the last Linear, Conv or BatchNorm layer in it or before it."""
+    modules = list(model.modules())
+    end = next(k for k, m in enumerate(modules) if m is child) + len(list(child.modules()))
+    for m in reversed(modules[:end]):
         for width in ("out_features", "out_channels", "num_features"):
             if isinstance(getattr(m, width, None), int):
                 return getattr(m, width)
-    raise ValueError(f"cannot tell the width of {type(module).__name__}'s output: it has no Linear, Conv or "
-                     f"BatchNorm layer")
+    raise ValueError(f"cannot tell the width of the output of {type(child).__name__}: no Linear, Conv or BatchNorm "
+                     f"layer in it or before it")
 
 
 class Adapted(nn.Module):
@@ -266,7 +268,7 @@ class Adapted(nn.Module):
         child = model.get_submodule(name)
         if not isinstance(child, ReflexiveLayer):  # the article's model trains its own; others get one
             self.path = name + ".1"
-            self.serve(nn.Sequential(child, ReflexiveLayer(output_width(child), identity=True)), name)
+            self.serve(nn.Sequential(child, ReflexiveLayer(output_width(model, child), identity=True)), name)
         leaves = [m for m in model.modules() if not list(m.children())]
         self.logits = not isinstance(leaves[-1], (nn.Sigmoid, nn.Softmax))
         for p in model.parameters():
@@ -566,6 +568,8 @@ class InlineHealer:
             self.done.append(HealOutcome(job, self.trainer.heal(job.view, job.weight)))
         except HealRejected as e:  # the article's script hung here; the served weights stay
             self.done.append(HealOutcome(job, None, str(e)))
+        except Exception as e:  # a fault in the heal is contained too: the stream serves on
+            self.done.append(HealOutcome(job, None, f"heal raised {type(e).__name__}: {e}"))
         return "heal"
 
     def finished(self) -> list[HealOutcome]:
@@ -704,7 +708,7 @@ class BatchRecord:
     @property
     def lift(self) -> Optional[float]:
         """The article's lift: healed accuracy minus shadow accuracy, on the batch the heal trained on."""
-        return None if self.healed is None else self.healed.accuracy - self.shadow.accuracy
+        return None if self.healed is None or self.shadow is None else self.healed.accuracy - self.shadow.accuracy
 
 
 def quarantined(X: np.ndarray) -> Optional[str]:
@@ -1348,11 +1352,11 @@ class StreamLog:
 
 def prequential_lift(r: BatchRecord) -> Optional[float]:
     """The honest lift: accuracy of the model that served the batch, before any heal on it, minus the shadow's."""
-    return None if r.served is None else r.served.accuracy - r.shadow.accuracy
+    return None if r.served is None or r.shadow is None else r.served.accuracy - r.shadow.accuracy
 
 
 def prequential_f1_lift(r: BatchRecord) -> Optional[float]:
-    return None if r.served is None else r.served.f1 - r.shadow.f1
+    return None if r.served is None or r.shadow is None else r.served.f1 - r.shadow.f1
 
 
 class Run(Experiment):

@@ -50,10 +50,10 @@ def latency(n_calls: int) -> None:
     ms = lambda s: f"{1000 * s:.3f} ms"  # noqa: E731
     print(f"predict latency: {cfg.batch_size} rows per call, {n_calls} calls per sample, 1 torch thread serving")
     for kind, heals_class in (("thread", shp.ThreadHeals), ("process", shp.ProcessHeals)):
-        model = shp.copy.deepcopy(trained.model)
+        model = shp.Adapted(shp.copy.deepcopy(trained.model), "reflexive")
         healer = heals_class(model, cfg)
         healer.start(job)
-        model.reflexive = healer.result(120).layer  # start the worker before timing anything
+        model.serve(healer.result(120).layer)  # start the worker before timing anything
         predict, adopt, heals = [], [], []
 
         def serve(n, healing):
@@ -61,7 +61,7 @@ def latency(n_calls: int) -> None:
                 if healing and not healer.busy():
                     start = time.perf_counter()
                     result = healer.result(120)
-                    model.reflexive = result.layer
+                    model.serve(result.layer)
                     healer.start(job)
                     adopt.append(time.perf_counter() - start)
                     heals.append(result.seconds)

@@ -96,7 +96,7 @@ def test_health_monitor_degradation_rule_and_restart():
 def test_only_reflexive_layer_changes_in_a_stream(default_trained):
     before = {k: v.clone() for k, v in default_trained.model.state_dict().items()}
     result = stream(quiet(n_batches=8), trained=default_trained, console=print)
-    after = result.model.state_dict()
+    after = result.model.model.state_dict()
     for name, value in before.items():
         if name.startswith("reflexive."):
             continue

@@ -504,8 +504,9 @@ def test_8_every_async_heal_and_rollback_reaches_metrics_csv(case, tmp_path, mon
     """--async-apply: each heal's version_post and each rollback's restored_version is in a metrics.csv row."""
     flags, rolls_back = ASYNC_RUNS[case]
     monkeypatch.chdir(tmp_path)
-    code, _, err = _main(TINY + ["--async-apply", "--drift-strength", "3.5", "--rollback-f1-drop", "0",
-                                 "--min-batches-before-rollback", "0", "--n-batches", "200", *flags], capsys)
+    code, _, err = _main(TINY + ["--heal-worker", "thread", "--async-apply", "--drift-strength", "3.5",
+                                 "--rollback-f1-drop", "0", "--min-batches-before-rollback", "0",
+                                 "--n-batches", "200", *flags], capsys)
     assert code == 0, err
     export = tmp_path / "monitoring_export"
     events = json.loads((export / "events.json").read_text())

@@ -12,7 +12,7 @@ from conftest import SMALL, shp, quiet, stream
 
 
 def _finite(model):
-    return all(torch.isfinite(p).all() for p in model.reflexive.parameters())
+    return all(torch.isfinite(p).all() for p in model.adapter().parameters())
 
 
 def _events(directory):
@@ -24,7 +24,7 @@ def _events(directory):
 def test_predictions_never_mix_two_published_versions(kind, small_trained):
     """8 threads predict while 300 heals publish: each output is exactly one version's."""
     cfg = quiet(SMALL, heal_steps=1, heal_lr=0.05)
-    model = shp.copy.deepcopy(small_trained.model)
+    model = shp.Adapted(shp.copy.deepcopy(small_trained.model), "reflexive")
     heals = {"thread": shp.ThreadHeals, "process": shp.ProcessHeals}[kind](model, cfg)
     X = small_trained.data.drift.X[:64]
     job = shp.HealJob(1, shp.HealBatch(X, small_trained.data.drift.y[:64], shp.rule_labels(X, cfg)), 2.0, None)
@@ -45,7 +45,7 @@ def test_predictions_never_mix_two_published_versions(kind, small_trained):
     try:
         for _ in range(300):
             heals.start(job)
-            model.reflexive = heals.result(timeout=60).layer
+            model.serve(heals.result(timeout=60).layer)
             published.add(shp.predict_proba(model, X).tobytes())
     finally:
         done.set()
@@ -86,7 +86,7 @@ def test_heal_exception_is_contained(small_trained, tmp_path, monkeypatch):
     monkeypatch.setattr(shp, "heal_loss", broken)
     result = _run_with(small_trained, tmp_path)
     _assert_contained(result, tmp_path, "heal_failed", "injected fault")
-    after = result.model.reflexive.state_dict()
+    after = result.model.adapter().state_dict()
     assert all(after[k].equal(served_before[k]) for k in after), "served weights stay as they were"
     assert {r.action for r in result.log.records} <= {"heal_failed", "none"}
 
@@ -123,7 +123,7 @@ def test_saturating_inputs_do_not_poison_the_adapter(small_trained, tmp_path):
     events = _events(tmp_path)
     assert [e["type"] for e in events] == ["heal_failed"] * len(batches)
     assert all(e["reason"] == "non-finite loss at step 1" for e in events)
-    served = result.model.reflexive.state_dict()
+    served = result.model.adapter().state_dict()
     clean = small_trained.model.reflexive.state_dict()
     assert all(served[k].equal(clean[k]) for k in clean), "the served weights are still the clean ones"
 
@@ -144,7 +144,7 @@ def slow_heals(monkeypatch):
 
 
 def test_a_hung_heal_times_out(small_trained, tmp_path, slow_heals):
-    result = _run_with(small_trained, tmp_path, heal_timeout=0.05)
+    result = _run_with(small_trained, tmp_path, heal_worker="thread", heal_timeout=0.05)
     _assert_contained(result, tmp_path, "heal_failed", "did not finish within 0.05 s")
 
 
@@ -159,7 +159,7 @@ def test_async_apply_publishes_each_heal_at_the_next_batch_boundary(small_traine
             time.sleep(0.2)
             while any(t.name == "heal" and t.is_alive() for t in threading.enumerate()):  # a loaded machine
                 time.sleep(0.01)
-    result = _run_with(small_trained, tmp_path, batches=paced(), async_apply=True)
+    result = _run_with(small_trained, tmp_path, batches=paced(), heal_worker="thread", async_apply=True)
     records = result.log.records
     assert len(records) == SMALL["n_batches"] and _finite(result.model)
     assert [r.action for r in records] == ["heal_started"] * len(records)
@@ -218,7 +218,7 @@ def test_a_process_worker_heals_within_a_timeout_shorter_than_its_start_up(small
 
 def test_async_apply_says_which_heal_the_end_of_the_stream_left_unapplied(small_trained, tmp_path, slow_heals):
     """A heal still running after the last batch is never applied: the report says so, naming its batch."""
-    result = _run_with(small_trained, tmp_path, async_apply=True)
+    result = _run_with(small_trained, tmp_path, heal_worker="thread", async_apply=True)
     assert [r.action for r in result.log.records] == ["heal_started"] + ["heal_busy"] * (SMALL["n_batches"] - 1)
     lines = shp.report(result, shp.evaluate_run(result))
     assert "The heal started at batch 1 was not applied: the stream ended first" in "\n".join(lines)

@@ -127,7 +127,7 @@ def test_rules_mode_reads_no_true_label(default_trained):
     b = stream(cfg, trained=default_trained, batches=scrambled, console=print)
     assert _decisions(a) == _decisions(b)
     assert a.log.counts["heal"] > 0
-    wa, wb = a.model.reflexive.state_dict(), b.model.reflexive.state_dict()
+    wa, wb = a.model.adapter().state_dict(), b.model.adapter().state_dict()
     assert all(wa[k].equal(wb[k]) for k in wa)
     # ...whereas labels mode does read them
     labelled = quiet(n_batches=10)

@@ -51,6 +51,6 @@ def test_rollback_restores_the_snapshot_weights(default_trained):
     result = stream(quiet(rollback_f1_drop=0.03, n_batches=22, keep_best=50, keep_last=60),
                                 trained=default_trained, console=print)
     assert result.log.records[-1].restored_version == 21
-    served = result.model.reflexive.state_dict()
+    served = result.model.adapter().state_dict()
     target = result.registry.snapshots[21].state
     assert all(served[k].equal(target[k]) for k in target)
