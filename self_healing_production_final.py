@@ -773,10 +773,10 @@ class SelfHealer:
         if refused:
             record.state, record.action, self.wants_heal = "QUARANTINED", "quarantined", False
             record.event("batch_quarantined", record.batch, reason=refused)
-            return np.full(len(X), np.nan, dtype=np.float32)
+            return np.full_like(predict_proba(self.model, np.zeros_like(X)), np.nan)  # n or n x C
         proba = predict_proba(self.model, X)  # answered before anything learns from this batch
         record.z, record.drifting = self.detector.check(X, proba) if self.detector else (math.nan, False)
-        rule = self.rule(X) if self.rule else None
+        rule = np.asarray(self.rule(X), dtype=np.float32) if self.rule else None
         record.conflicts = int(conflicts(rule, proba, self.cfg).sum()) if rule is not None else 0
         self.wants_heal = self.detector is None or record.drifting or record.conflicts >= self.cfg.conflict_min
         self.pending[record.batch] = (X, proba, rule, record)
@@ -796,8 +796,10 @@ class SelfHealer:
             raise ValueError(f"batch {batch} has not been served")
         if batch not in self.pending:
             return
-        X, proba, rule, record = self.pending.pop(batch)
         y = np.asarray(y.detach() if torch.is_tensor(y) else y, dtype=np.float32)
+        if y.shape != (len(self.pending[batch][0]),):
+            raise ValueError(f"batch {batch} has {len(self.pending[batch][0])} rows, and {y.shape} labels")
+        X, proba, rule, record = self.pending.pop(batch)
         if record.served is None:
             record.served = metrics_at(y, proba)
         if self.supervision == "labels":
@@ -3667,8 +3669,10 @@ def validate(cfg: Config) -> Config:
     if cfg.bench and (cfg.async_apply or cfg.supervision != "labels"):
         raise ConfigError("--bench runs the heal with labels (heal) and with the rule (heal-rules), waiting for "
                           "each heal so that it reproduces: drop --async-apply and --supervision")
-    if cfg.async_apply and cfg.heal_worker == "inline":
-        raise ConfigError("--async-apply needs a heal that runs beside the stream: --heal-worker thread or process")
+    if cfg.heal_worker == "inline" and (cfg.async_apply or cfg.heal_timeout != Config.heal_timeout):
+        raise ConfigError(f"--{'async-apply' if cfg.async_apply else 'heal-timeout'} needs a heal that runs beside "
+                          f"the stream: --heal-worker thread or process (inline heals are neither timed nor left "
+                          f"running)")
     if cfg.seed + cfg.seeds - 1 > SEED_MAX:
         raise ConfigError(f"--seed {cfg.seed} with --seeds {cfg.seeds} runs past the largest seed, {SEED_MAX:,}")
     per_process, processes = memory_estimate(cfg)

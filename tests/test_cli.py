@@ -19,7 +19,8 @@ BAD_FLAGS = [
     ["--bench", "--merge", "--shard", "0/2"], ["--seeds", "2", "--scenario", "offset"],
     ["--bench", "--merge"],  # nothing to merge
     ["--seed", "-1"], ["--seed", "4294967296"], ["--seeds", "3", "--seed", "4294967294"], ["--lr", "1e20"],
-    ["--heal-timeout", "1e10"], ["--heal-timeout", "1e308"], ["--drift-strength", "1e308"], ["--fn-cost", "1e308"],
+    ["--heal-worker", "thread", "--heal-timeout", "1e10"], ["--heal-timeout", "5"], ["--async-apply"],
+    ["--heal-timeout", "1e308"], ["--drift-strength", "1e308"], ["--fn-cost", "1e308"],
     ["--n-train", "1000000000"], ["--hidden-dim", "60000"], ["--fidi-window", "1e21"],
 ]
 BAD_THRESHOLD_FILES = {

@@ -656,7 +656,8 @@ def test_12_merge_refuses_a_cell_with_an_impossible_figure(name, value, made_cel
 @pytest.mark.slow
 def test_12_heals_abandoned_in_sweep_workers_do_not_abort_them(tmp_path):
     """--seeds 4 with heals timing out at once: no 'terminate called' from a worker that exits under a heal."""
-    status, stderr = _run(TINY + ["--seeds", "4", "--heal-timeout", "0.000001", "--heal-steps", "2000"], tmp_path)
+    status, stderr = _run(TINY + ["--seeds", "4", "--heal-worker", "thread", "--heal-timeout", "0.000001",
+                                  "--heal-steps", "2000"], tmp_path)
     assert "terminate called" not in stderr, stderr[-2000:]
     assert status == 0, stderr[-2000:]
 

@@ -93,8 +93,8 @@ def test_seed_sweep_with_a_process_worker_and_async_apply(tmp_path):
 
 @pytest.mark.slow
 def test_an_abandoned_heal_does_not_abort_the_exit(tmp_path):
-    proc = _run(TINY + ["--n-batches", "2", "--conflict-min", "0", "--heal-steps", "100000", "--heal-timeout", "0.5"],
-                tmp_path)
+    proc = _run(TINY + ["--n-batches", "2", "--conflict-min", "0", "--heal-steps", "100000", "--heal-worker", "thread",
+                        "--heal-timeout", "0.5"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     events = json.loads((tmp_path / "monitoring_export" / "events.json").read_text())
     assert [e["reason"] for e in events if e["type"] == "heal_failed"][0] == "heal did not finish within 0.5 s"

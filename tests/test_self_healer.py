@@ -175,6 +175,11 @@ def test_mistakes_are_named():
     healer = shp.SelfHealer(model, "1")
     with pytest.raises(ValueError, match="batch 1 has not been served"):
         healer.observe(1, [0])
+    assert healer.predict(np.float32([[0, np.nan], [1, 1]])).shape == (2, 2), "quarantined: NaN answers, one per class"
+    assert healer.records[-1].state == "QUARANTINED"
+    healer.predict(np.float32([[0, 1], [1, 1]]))
+    with pytest.raises(ValueError, match="batch 2 has 2 rows"):
+        healer.observe(2, [0, 1, 1])
 
 
 def test_importing_the_script_does_no_work(tmp_path):
