@@ -268,7 +268,10 @@ class Adapted(nn.Module):
         child = model.get_submodule(name)
         if not isinstance(child, ReflexiveLayer):  # the article's model trains its own; others get one
             self.path = name + ".1"
-            self.serve(nn.Sequential(child, ReflexiveLayer(output_width(model, child), identity=True)), name)
+            with torch.random.fork_rng(devices=[]):  # the same adapter every time; the caller's stream untouched
+                torch.manual_seed(0)
+                layer = ReflexiveLayer(output_width(model, child), identity=True)
+            self.serve(nn.Sequential(child, layer), name)
         leaves = [m for m in model.modules() if not list(m.children())]
         self.logits = not isinstance(leaves[-1], (nn.Sigmoid, nn.Softmax))
         for p in model.parameters():

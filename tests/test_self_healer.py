@@ -79,7 +79,9 @@ def four_classes():
 
 def test_a_multi_class_model_heals_on_late_labels(four_classes):
     before = {k: v.clone() for k, v in four_classes.state_dict().items()}
+    random_state = torch.get_rng_state()
     healer = shp.SelfHealer(four_classes, "3")
+    assert torch.equal(torch.get_rng_state(), random_state), "wrapping draws nothing from the caller's stream"
     X, _ = _blobs(np.random.default_rng(2), 200, 4)
     with torch.no_grad():
         assert np.array_equal(healer.predict(X), four_classes(torch.from_numpy(X)).softmax(1).numpy()), \
@@ -188,3 +190,22 @@ def test_importing_the_script_does_no_work(tmp_path):
                          env={"PYTHONPATH": str(SCRIPT.parent), "PATH": "/usr/bin:/bin"})
     assert run.returncode == 0 and run.stderr == "" and run.stdout.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_heals_in_a_thread_or_a_process_serve_what_inline_heals_serve(four_classes):
+    """Where heals run changes nothing served: the same answers, batch by batch, whichever healer."""
+    answers = {}
+    for worker in ("inline", "thread", "process"):
+        healer = shp.SelfHealer(four_classes, "3", healer=shp.heals_in(worker, timeout=60))
+        rng, answers[worker] = np.random.default_rng(9), []
+        try:
+            for i in range(1, 7):
+                X, y = _blobs(rng, 100, 4, shift=1.5)
+                answers[worker].append(healer.predict(X))
+                healer.observe(i, y)
+        finally:
+            healer.close()
+        assert sum(r.version_post is not None for r in healer.records) == 6, worker
+    for worker in ("thread", "process"):
+        assert all(np.array_equal(a, b) for a, b in zip(answers["inline"], answers[worker])), worker
