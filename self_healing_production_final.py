@@ -2414,10 +2414,10 @@ def bench_spread(rows: list[BenchRow]) -> dict:
 
 # Part IV. Outputs
 #
-# What a person reads: the pipeline's stage lines and the per-batch table on the console,
-# the report under it, the monitoring exports (metrics.csv, events.json,
-# threshold_config.json) and the plots, all made from the records the stream yields.
-# Every file is written whole or not at all. Uses Parts I to III.
+# What a person reads, made from the records the stream yields: the pipeline's stage lines and
+# the per-batch table, the report under it, the rows and entries of the monitoring exports
+# (metrics.csv, events.json, threshold_config.json), the bench's table and the figures. Text
+# and figures only: Part V writes them. Uses Parts I to III.
 
 def _num(value, spec: str) -> str:
     """A number formatted by spec, or '-' when missing or not finite; never "-0.00" for a value that
@@ -2639,153 +2639,6 @@ def sweep_report(summaries: list[dict], spreads: dict) -> list[str]:
             *text_table(["figure", "mean", "sd", "95% interval", "min", "max"], rows, "<>>>>>")]
 
 
-# -- Exports
-
-def umask() -> int:
-    """This process's umask, read without changing it (Linux); 022 where it cannot be read."""
-    with contextlib.suppress(OSError, StopIteration, ValueError):
-        with open("/proc/self/status") as f:
-            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
-    return 0o022
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path, binary: bool = False):
-    """A file written under a temporary name beside its target (.NAME.PID.RANDOM.tmp) and renamed into
-    place when the block ends without an error: readers never see half a file, and a failed run leaves
-    the previous one as it was. The writer holds a lock on the temporary file while it lives, which is
-    how a later run tells a dead writer's leftovers from a live one's (a PID can be reused)."""
-    import fcntl
-    path = Path(path)
-    text = {} if binary else dict(encoding="utf-8", newline="")
-    f = tempfile.NamedTemporaryFile("wb" if binary else "w", dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
-                                    suffix=".new", delete=False, **text)
-    temporary = f.name
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        temporary = f.name[:-len(".new")] + ".tmp"  # locked before it has the name a cleaner looks for
-        os.rename(f.name, temporary)
-        os.chmod(temporary, 0o666 & ~umask())  # as an ordinary file would be, not tempfile's owner-only 0600
-        yield f
-        f.close()
-        os.replace(temporary, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):  # a full disk fails the last flush too; the file goes all the same
-            f.close()
-        Path(temporary).unlink(missing_ok=True)
-        if isinstance(e, OSError):  # name the file that could not be written, not its temporary
-            raise OSError(e.errno, e.strerror, str(path)) from None
-        raise
-
-
-def write_atomic(path: Path, text: str) -> None:
-    with atomic_file(path) as f:
-        f.write(text)
-
-
-TEMPORARY_NAME = re.compile(r"\..+\.(\d+)\.[a-z0-9_]{8}\.tmp")  # atomic_file's: .NAME.PID.RANDOM.tmp
-
-
-def take_lock(path: Path, shared: bool = False, wait: bool = False, create: bool = True) -> int:
-    """A lock on path (created if need be), held until its descriptor is closed; the kernel drops it
-    when the process dies, however it dies. The file is opened for writing: where flock is emulated
-    by fcntl locks (NFS), an exclusive lock needs that. BlockingIOError when it is held elsewhere."""
-    import fcntl
-    fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def held_elsewhere(path: Path) -> bool:
-    try:
-        os.close(take_lock(path))
-    except BlockingIOError:
-        return True
-    return False
-
-
-def abandoned(temporary: Path) -> bool:
-    """Whether no process holds the lock its writer keeps on a temporary file: its writer is gone."""
-    try:
-        os.close(take_lock(temporary, create=False))
-    except OSError:  # held (BlockingIOError), gone already, or not ours to open
-        return False
-    return True
-
-
-def remove_stale_temporaries(directory: Path) -> int:
-    """Remove what a killed run (kill -9 leaves no chance to clean up) left in directory: temporary
-    files of atomic_file whose writer is gone. Returns how many."""
-    removed = 0
-    for path in directory.iterdir() if directory.is_dir() else ():
-        if TEMPORARY_NAME.fullmatch(path.name) and abandoned(path):
-            path.unlink(missing_ok=True)
-            removed += 1
-    return removed
-
-
-class Progress:
-    """Long work told as it goes, on standard error (standard output is left alone): done of total,
-    elapsed, time left. On a terminal one line rewrites itself; elsewhere (a Slurm log, a pipe) each
-    update is a line of its own. The first update comes after `first` seconds, then at most one every
-    `every` seconds, and a last one when all is done if any was shown."""
-
-    def __init__(self, what: str, total: int, unit: str, first: float = 0.0, every: float = 5.0):
-        self.what, self.total, self.unit, self.every = what, total, unit, every
-        self.start = time.monotonic()
-        self.due, self.shown = self.start + first, False
-        try:
-            self.rewrite = sys.stderr.isatty()
-        except (AttributeError, ValueError):
-            self.rewrite = False
-
-    def __call__(self, done: int) -> None:
-        now = time.monotonic()
-        if now < self.due and not (done >= self.total and self.shown):
-            return
-        self.due, self.shown = now + self.every, True
-        elapsed = now - self.start
-        estimable = max(2, self.total // 20) <= done < self.total  # the first pieces include start-up
-        left = f", about {_duration(elapsed / done * (self.total - done))} left" if estimable else ""
-        line = (f"progress: {self.what} {done:,} of {self.total:,} {self.unit}, {_duration(elapsed)} elapsed"
-                f"{left}")
-        end = "\n" if not self.rewrite or done >= self.total else ""
-        with contextlib.suppress(OSError, ValueError):  # a closed standard error stops nothing
-            sys.stderr.write(("\r\x1b[K" if self.rewrite else "") + line + end)
-            sys.stderr.flush()
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
-        f"{seconds / 3600:.1f} h"
-
-
-class Console:
-    """Standard output that cannot stop the run: after the first failed write (a reader that went
-    away, as `| head` does, or a full disk) it stays silent and keeps the error for main."""
-
-    def __init__(self, stream=None):
-        self.stream = stream or sys.stdout
-        self.failure: Optional[OSError] = None
-
-    def __call__(self, line: str = "") -> None:
-        if self.failure is not None:
-            return
-        try:
-            self.stream.write(line + "\n")
-            self.stream.flush()
-        except OSError as e:
-            self.failure = e
-            try:  # or the interpreter fails again flushing it at exit
-                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
-            except (OSError, ValueError):
-                pass
-
-
 def csv_cell(value) -> str:
     if value is None:
         return ""
@@ -2851,83 +2704,7 @@ def recorded_command(cfg: MeasurementConfig) -> str:
     return shlex.join(words)
 
 
-def write_threshold_config(directory: Path, cfg: MeasurementConfig) -> None:
-    """threshold_config.json: the thresholds an operator tunes (what --thresholds reads back), and
-    under "run" where the numbers came from: every setting, the command that reproduces the run
-    from any folder (the script's and --out's absolute paths, every flag not at its default), and
-    the versions of Python, torch and numpy."""
-    run = {"command": recorded_command(cfg),
-           "config": dataclasses.asdict(cfg),
-           "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}}
-    entry = {**threshold_dict(cfg), RUN_KEY: run}
-    write_atomic(directory / "threshold_config.json", json.dumps(_json_safe(entry), indent=2, allow_nan=False) + "\n")
-
-
-class Exports:
-    """metrics.csv and events.json, streamed record by record into temporary files (memory stays flat
-    on long streams) and put in place, with threshold_config.json, only when the stream has ended."""
-
-    def __init__(self, directory: Path, cfg: MeasurementConfig):
-        self.dir, self.cfg, self.n_events = Path(directory), cfg, 0
-
-    def __enter__(self) -> "Exports":
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with contextlib.ExitStack() as opened:  # discards the first file if the second cannot be opened
-            self.metrics = csv.writer(opened.enter_context(atomic_file(self.dir / "metrics.csv")),
-                                      lineterminator="\n")
-            self.events = opened.enter_context(atomic_file(self.dir / "events.json"))
-            self.files = opened.pop_all()
-        self.metrics.writerow(CSV_COLUMNS)
-        self.events.write("[")
-        return self
-
-    def write(self, r: BatchRecord) -> None:
-        self.metrics.writerow(csv_row(r))
-        for entry in r.events:
-            self.events.write(("," if self.n_events else "") + "\n  " + json.dumps(_json_safe(entry), allow_nan=False))
-            self.n_events += 1
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.events.write("\n]\n")
-        self.files.__exit__(exc_type, exc, tb)  # renames both into place, or discards both
-        if exc_type is None:
-            write_threshold_config(self.dir, self.cfg)
-
-
-def serve_and_write(run: Run, console: Callable[[str], None], export_dir: Optional[Path]) -> Run:
-    """Print the stages so far, then serve every batch of the run: print its line (unless --quiet)
-    and write its row and events (when export_dir is given)."""
-    for line in pipeline_lines(run):
-        console(line)
-    if not run.cfg.quiet:
-        console(batch_header())
-    progress = Progress("stream", run.cfg.n_batches, "batches", first=5.0)  # shown only on long streams
-    with Exports(export_dir, run.cfg) if export_dir is not None else contextlib.nullcontext() as exports:
-        for record in run:
-            if exports is not None:
-                exports.write(record)
-            if not run.cfg.quiet:
-                console(batch_line(record))
-            progress(record.batch)
-    return run
-
-
-def write_csv(path: Path, columns: list[str], rows: list[dict]) -> Path:
-    """A small CSV written whole: a header, then each row's values under their columns."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(columns)
-        writer.writerows([csv_cell(row[c]) for c in columns] for row in rows)
-    return path
-
-
-def write_sweep_csv(summaries: list[dict], directory: Path) -> Path:
-    return write_csv(directory / "seed_sweep.csv", ["seed", *SWEEP_FIGURES, "heals", "rollbacks"], summaries)
-
-
-# -- The bench's table, CSV, cell files and plot
+# -- The bench's table
 
 BENCH_COLUMNS = (  # title, figure, format
     ("acc", "accuracy", ".3f"), ("F1", "f1", ".3f"), ("ROC-AUC", "roc_auc", ".3f"), ("cost/1000", "cost", ",.0f"),
@@ -2991,111 +2768,11 @@ def bench_report(rows: list[BenchRow], cfg: MeasurementConfig) -> list[str]:
             *text_table(header, table, "<" + ">" * len(BENCH_COLUMNS)), *detector_report(rows)]
 
 
-def write_bench_csv(rows: list[BenchRow], directory: Path) -> Path:
-    return write_csv(directory / "bench.csv", [f.name for f in dataclasses.fields(BenchRow)],
-                     [dataclasses.asdict(r) for r in rows])
-
-
 def bench_fingerprint(cfg: MeasurementConfig) -> dict:
     """The settings a bench cell's numbers depend on: a merge accepts only cells made with these."""
     varied_by_the_bench = {"scenario", "heal_method", "supervision", "async_apply"}
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
             if f.metadata["role"] != "run" and f.name not in varied_by_the_bench}
-
-
-def write_cell(directory: Path, cell: BenchCell, row: BenchRow, cfg: MeasurementConfig) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    entry = {"cell": cell.index, "config": bench_fingerprint(cfg), "row": dataclasses.asdict(row)}
-    write_atomic(directory / f"{cell.name}.json", json.dumps(_json_safe(entry), allow_nan=False) + "\n")
-
-
-class ConfigError(ValueError):
-    """A user mistake (flags, a threshold file, bench cell files): reported in one line, exit status 2."""
-
-
-MAX_INPUT_BYTES = 1 << 20  # a threshold file or a bench cell is a few hundred bytes
-
-
-def _short(text: str, width: int = 40) -> str:
-    return text if len(text) <= width else text[:width] + "..."
-
-
-def read_json_file(path, what: str):
-    """A small JSON file of ours, read back: a regular file (never a FIFO or a device, which could
-    block or never end), at most 1 MiB, UTF-8, strict JSON (no NaN or Infinity). Anything else is
-    a ConfigError in one line."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as e:
-        raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ConfigError(f"{what} {path} is not a regular file")
-    with os.fdopen(fd, "rb") as f:
-        try:
-            raw = f.read(MAX_INPUT_BYTES + 1)
-        except OSError as e:
-            raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
-    if len(raw) > MAX_INPUT_BYTES:
-        raise ConfigError(f"{what} {path} is larger than {MAX_INPUT_BYTES // 2 ** 20} MiB")
-
-    def no_constants(name):
-        raise ConfigError(f"{what} {path} holds {name}, which is not a finite number")
-
-    def bounded_int(digits):  # Python refuses ints of more than 4,300 digits with a ValueError of its own
-        if len(digits) > 30:
-            raise ConfigError(f"{what} {path} holds an integer of {len(digits):,} digits")
-        return int(digits)
-
-    def finite_float(text):  # 1e999 parses as infinity
-        value = float(text)
-        if not math.isfinite(value):
-            no_constants(_short(text))
-        return value
-    try:
-        return json.loads(raw.decode("utf-8-sig"), parse_constant=no_constants, parse_int=bounded_int,
-                          parse_float=finite_float)
-    except UnicodeDecodeError:
-        raise ConfigError(f"{what} {path} is not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{what} {path} is not JSON: {e.msg} at line {e.lineno}") from None
-    except RecursionError:
-        raise ConfigError(f"{what} {path} is nested too deeply") from None
-
-
-def read_cells(directory: Path, cells: list[BenchCell], cfg: MeasurementConfig) -> list[BenchRow]:
-    """Every cell's row, from the shards' files; ConfigError names what is missing or foreign."""
-    missing = [c.name for c in cells if not (directory / f"{c.name}.json").is_file()]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ConfigError(f"--merge: {len(missing)} of {len(cells)} cells missing in {directory}: {shown}")
-    expected = {f"{c.name}.json" for c in cells}
-    others = sorted(p.name for p in directory.glob("cell-*.json") if p.name not in expected)
-    if others:
-        raise ConfigError(f"--merge: {directory} also holds {len(others)} cells that these flags do not make "
-                          f"(such as {others[0]}): give the --seed and --seeds the shards ran with")
-    rows, fingerprint = [], _json_safe(bench_fingerprint(cfg))
-    for c in cells:
-        path = directory / f"{c.name}.json"
-        entry = read_json_file(path, "--merge: bench cell")
-        try:
-            row = BenchRow(**{k: math.nan if v is None else v for k, v in entry["row"].items()})
-            same_cell = (entry["cell"] == c.index
-                         and (row.scenario, row.method, row.seed) == (c.scenario, c.method, c.seed))
-            same_flags = entry["config"] == fingerprint
-            numbers = [getattr(row, f.name) for f in dataclasses.fields(BenchRow) if f.type == "float"]
-            if not all(type(v) in (int, float) for v in numbers):
-                raise TypeError
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise ConfigError(f"--merge: {path} is not a bench cell file") from None
-        if not same_cell:
-            raise ConfigError(f"--merge: {path} holds another cell than its name says")
-        if not same_flags:
-            raise ConfigError(f"--merge: {path} was made by a bench with other flags")
-        if not possible(row):
-            raise ConfigError(f"--merge: {path} holds figures no bench can produce")
-        rows.append(row)
-    return rows
 
 
 def possible(row: BenchRow) -> bool:
@@ -3104,18 +2781,6 @@ def possible(row: BenchRow) -> bool:
     amounts = (row.cost, row.none_cost, row.bayes_cost, row.adaptations_per_1000)
     return (all(math.isnan(v) or 0 <= v <= 1 for v in shares) and all(v >= 0 for v in amounts)
             and (math.isnan(row.kappa) or row.kappa <= 1))
-
-
-def foreign_cells(directory: Path, cells: list[BenchCell], cfg: MeasurementConfig) -> list[Path]:
-    """The files of these cells that a bench with other flags wrote (a shard must not count them as done)."""
-    fingerprint, foreign = _json_safe(bench_fingerprint(cfg)), []
-    for c in cells:
-        path = directory / f"{c.name}.json"
-        if path.is_file():
-            entry = read_json_file(path, "bench cell")
-            if not isinstance(entry, dict) or entry.get("config") != fingerprint:
-                foreign.append(path)
-    return foreign
 
 
 # -- Plots
@@ -3326,21 +2991,7 @@ def pyplot():
     return plt
 
 
-def save_figure(plt, fig, path: Path) -> Path:
-    with atomic_file(path, binary=True) as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
-    return path
-
-
-def draw_plots(data: PlotData, directory: Path, names) -> list[Path]:
-    plt = pyplot()
-    return [save_figure(plt, PLOTS[name](plt, data), directory / name) for name in names]
-
-
-def plot_seed_sweep(summaries: list[dict], directory: Path) -> Path:
-    plt = pyplot()
-    directory.mkdir(parents=True, exist_ok=True)
+def plot_seed_sweep(plt, summaries: list[dict]):
     fig, ax = plt.subplots(figsize=(10, 5.5), layout="constrained")
     seeds = [s["seed"] for s in summaries]
     x = np.arange(len(seeds))
@@ -3351,15 +3002,13 @@ def plot_seed_sweep(summaries: list[dict], directory: Path) -> Path:
     ax.set(title="Accuracy gain of healing, per seed", xlabel="seed", ylabel="percentage points")
     ax.grid(alpha=0.3, axis="y")
     _legend_below(ax, ncol=2)
-    return save_figure(plt, fig, directory / "seed_sweep.png")
+    return fig
 
 
-def plot_bench(rows: list[BenchRow], directory: Path) -> Path:
+def plot_bench(plt, rows: list[BenchRow]):
     """Heatmap of the mean share of the cost gap each method closes, scenario by method, with its 95%
     interval. Colours run from -1 to +1; below -1 (worse than no adaptation by more than the whole
     gap) a cell is dark purple and its number says how much worse."""
-    plt = pyplot()
-    directory.mkdir(parents=True, exist_ok=True)
     spreads = bench_spread(rows)
     cells = [[spreads[(s, m)]["gap_closed"] for m in HEAL_METHODS] for s in SCENARIOS]
     gap = np.array([[c.mean for c in row] for row in cells])
@@ -3382,14 +3031,393 @@ def plot_bench(rows: list[BenchRow], directory: Path) -> Path:
     ax.set_title("Share of the cost gap to the Bayes ceiling closed, mean over seeds [95% interval]\n"
                  "(1 = Bayes, 0 = no adaptation; dark purple: below -1, worse than no adaptation by more than the gap)")
     fig.colorbar(image, ax=ax, label="gap closed", extend="min")
-    return save_figure(plt, fig, directory / "bench.png")
+    return fig
 
 
-# Part V. Speed
+# Part V. Files, signals and processes
 #
-# Work spread over processes without changing one number: the baseline trained beside the
-# main model, half the plots drawn beside the other half, the seeds of a sweep and of the
-# bench one process each. All of it through one pool, process_pool. Uses Parts I to IV.
+# Everything that touches the file system, the terminal, signals or other processes, called by
+# the command line: files written whole or not at all, the locks and temporaries they leave, small
+# JSON files read back, the console and progress, stopping cleanly on a signal, the exports, bench
+# cells and figures written, and work spread over processes without changing one number. Uses
+# Parts I to IV.
+
+# -- Files
+
+def umask() -> int:
+    """This process's umask, read without changing it (Linux); 022 where it cannot be read."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    return 0o022
+
+@contextlib.contextmanager
+def atomic_file(path: Path, binary: bool = False):
+    """A file written under a temporary name beside its target (.NAME.PID.RANDOM.tmp) and renamed into
+    place when the block ends without an error: readers never see half a file, and a failed run leaves
+    the previous one as it was. The writer holds a lock on the temporary file while it lives, which is
+    how a later run tells a dead writer's leftovers from a live one's (a PID can be reused)."""
+    import fcntl
+    path = Path(path)
+    text = {} if binary else dict(encoding="utf-8", newline="")
+    f = tempfile.NamedTemporaryFile("wb" if binary else "w", dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
+                                    suffix=".new", delete=False, **text)
+    temporary = f.name
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        temporary = f.name[:-len(".new")] + ".tmp"  # locked before it has the name a cleaner looks for
+        os.rename(f.name, temporary)
+        os.chmod(temporary, 0o666 & ~umask())  # as an ordinary file would be, not tempfile's owner-only 0600
+        yield f
+        f.close()
+        os.replace(temporary, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # a full disk fails the last flush too; the file goes all the same
+            f.close()
+        Path(temporary).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # name the file that could not be written, not its temporary
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
+
+def write_atomic(path: Path, text: str) -> None:
+    with atomic_file(path) as f:
+        f.write(text)
+
+TEMPORARY_NAME = re.compile(r"\..+\.(\d+)\.[a-z0-9_]{8}\.tmp")  # atomic_file's: .NAME.PID.RANDOM.tmp
+
+def take_lock(path: Path, shared: bool = False, wait: bool = False, create: bool = True) -> int:
+    """A lock on path (created if need be), held until its descriptor is closed; the kernel drops it
+    when the process dies, however it dies. The file is opened for writing: where flock is emulated
+    by fcntl locks (NFS), an exclusive lock needs that. BlockingIOError when it is held elsewhere."""
+    import fcntl
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+def held_elsewhere(path: Path) -> bool:
+    try:
+        os.close(take_lock(path))
+    except BlockingIOError:
+        return True
+    return False
+
+def abandoned(temporary: Path) -> bool:
+    """Whether no process holds the lock its writer keeps on a temporary file: its writer is gone."""
+    try:
+        os.close(take_lock(temporary, create=False))
+    except OSError:  # held (BlockingIOError), gone already, or not ours to open
+        return False
+    return True
+
+def remove_stale_temporaries(directory: Path) -> int:
+    """Remove what a killed run (kill -9 leaves no chance to clean up) left in directory: temporary
+    files of atomic_file whose writer is gone. Returns how many."""
+    removed = 0
+    for path in directory.iterdir() if directory.is_dir() else ():
+        if TEMPORARY_NAME.fullmatch(path.name) and abandoned(path):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+class ConfigError(ValueError):
+    """A user mistake (flags, a threshold file, bench cell files): reported in one line, exit status 2."""
+
+MAX_INPUT_BYTES = 1 << 20  # a threshold file or a bench cell is a few hundred bytes
+
+def _short(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else text[:width] + "..."
+
+def read_json_file(path, what: str):
+    """A small JSON file of ours, read back: a regular file (never a FIFO or a device, which could
+    block or never end), at most 1 MiB, UTF-8, strict JSON (no NaN or Infinity). Anything else is
+    a ConfigError in one line."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"{what} {path} is not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            raw = f.read(MAX_INPUT_BYTES + 1)
+        except OSError as e:
+            raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if len(raw) > MAX_INPUT_BYTES:
+        raise ConfigError(f"{what} {path} is larger than {MAX_INPUT_BYTES // 2 ** 20} MiB")
+
+    def no_constants(name):
+        raise ConfigError(f"{what} {path} holds {name}, which is not a finite number")
+
+    def bounded_int(digits):  # Python refuses ints of more than 4,300 digits with a ValueError of its own
+        if len(digits) > 30:
+            raise ConfigError(f"{what} {path} holds an integer of {len(digits):,} digits")
+        return int(digits)
+
+    def finite_float(text):  # 1e999 parses as infinity
+        value = float(text)
+        if not math.isfinite(value):
+            no_constants(_short(text))
+        return value
+    try:
+        return json.loads(raw.decode("utf-8-sig"), parse_constant=no_constants, parse_int=bounded_int,
+                          parse_float=finite_float)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what} {path} is not JSON: {e.msg} at line {e.lineno}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} {path} is nested too deeply") from None
+
+
+# -- The console and signals
+
+class Progress:
+    """Long work told as it goes, on standard error (standard output is left alone): done of total,
+    elapsed, time left. On a terminal one line rewrites itself; elsewhere (a Slurm log, a pipe) each
+    update is a line of its own. The first update comes after `first` seconds, then at most one every
+    `every` seconds, and a last one when all is done if any was shown."""
+
+    def __init__(self, what: str, total: int, unit: str, first: float = 0.0, every: float = 5.0):
+        self.what, self.total, self.unit, self.every = what, total, unit, every
+        self.start = time.monotonic()
+        self.due, self.shown = self.start + first, False
+        try:
+            self.rewrite = sys.stderr.isatty()
+        except (AttributeError, ValueError):
+            self.rewrite = False
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if now < self.due and not (done >= self.total and self.shown):
+            return
+        self.due, self.shown = now + self.every, True
+        elapsed = now - self.start
+        estimable = max(2, self.total // 20) <= done < self.total  # the first pieces include start-up
+        left = f", about {_duration(elapsed / done * (self.total - done))} left" if estimable else ""
+        line = (f"progress: {self.what} {done:,} of {self.total:,} {self.unit}, {_duration(elapsed)} elapsed"
+                f"{left}")
+        end = "\n" if not self.rewrite or done >= self.total else ""
+        with contextlib.suppress(OSError, ValueError):  # a closed standard error stops nothing
+            sys.stderr.write(("\r\x1b[K" if self.rewrite else "") + line + end)
+            sys.stderr.flush()
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
+        f"{seconds / 3600:.1f} h"
+
+class Console:
+    """Standard output that cannot stop the run: after the first failed write (a reader that went
+    away, as `| head` does, or a full disk) it stays silent and keeps the error for main."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+        self.failure: Optional[OSError] = None
+
+    def __call__(self, line: str = "") -> None:
+        if self.failure is not None:
+            return
+        try:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        except OSError as e:
+            self.failure = e
+            try:  # or the interpreter fails again flushing it at exit
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            except (OSError, ValueError):
+                pass
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised as an exception so that every finally block cleans up on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.status = 128 + signum
+
+STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+def _stop(signum, frame):
+    """The first of these signals stops the run; the next ones are ignored, so that they cannot cut
+    its cleanup short (stopping workers, removing temporary files)."""
+    for sig in STOPPING_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+
+@contextlib.contextmanager
+def stopping_cleanly():
+    """SIGTERM and SIGHUP stop the run as Ctrl-C does (a finally block cleans up on the way out); once
+    it is stopping, more of them are ignored, so that the cleanup is never cut short."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {}
+    if in_main_thread:
+        previous = {sig: signal.getsignal(sig) for sig in STOPPING_SIGNALS}
+        for sig in STOPPING_SIGNALS:
+            if previous[sig] is not signal.SIG_IGN:  # one started with Ctrl-C ignored keeps ignoring it
+                signal.signal(sig, _stop)
+    try:
+        yield
+    except KeyboardInterrupt:
+        if in_main_thread:
+            for sig in STOPPING_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+            if previous[signal.SIGINT] is _interrupted_before_main:  # the script is leaving: keep ignoring them
+                previous = {}
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# -- Exports, bench cells and figures
+
+def write_threshold_config(directory: Path, cfg: MeasurementConfig) -> None:
+    """threshold_config.json: the thresholds an operator tunes (what --thresholds reads back), and
+    under "run" where the numbers came from: every setting, the command that reproduces the run
+    from any folder (the script's and --out's absolute paths, every flag not at its default), and
+    the versions of Python, torch and numpy."""
+    run = {"command": recorded_command(cfg),
+           "config": dataclasses.asdict(cfg),
+           "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}}
+    entry = {**threshold_dict(cfg), RUN_KEY: run}
+    write_atomic(directory / "threshold_config.json", json.dumps(_json_safe(entry), indent=2, allow_nan=False) + "\n")
+
+class Exports:
+    """metrics.csv and events.json, streamed record by record into temporary files (memory stays flat
+    on long streams) and put in place, with threshold_config.json, only when the stream has ended."""
+
+    def __init__(self, directory: Path, cfg: MeasurementConfig):
+        self.dir, self.cfg, self.n_events = Path(directory), cfg, 0
+
+    def __enter__(self) -> "Exports":
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as opened:  # discards the first file if the second cannot be opened
+            self.metrics = csv.writer(opened.enter_context(atomic_file(self.dir / "metrics.csv")),
+                                      lineterminator="\n")
+            self.events = opened.enter_context(atomic_file(self.dir / "events.json"))
+            self.files = opened.pop_all()
+        self.metrics.writerow(CSV_COLUMNS)
+        self.events.write("[")
+        return self
+
+    def write(self, r: BatchRecord) -> None:
+        self.metrics.writerow(csv_row(r))
+        for entry in r.events:
+            self.events.write(("," if self.n_events else "") + "\n  " + json.dumps(_json_safe(entry), allow_nan=False))
+            self.n_events += 1
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.events.write("\n]\n")
+        self.files.__exit__(exc_type, exc, tb)  # renames both into place, or discards both
+        if exc_type is None:
+            write_threshold_config(self.dir, self.cfg)
+
+def serve_and_write(run: Run, console: Callable[[str], None], export_dir: Optional[Path]) -> Run:
+    """Print the stages so far, then serve every batch of the run: print its line (unless --quiet)
+    and write its row and events (when export_dir is given)."""
+    for line in pipeline_lines(run):
+        console(line)
+    if not run.cfg.quiet:
+        console(batch_header())
+    progress = Progress("stream", run.cfg.n_batches, "batches", first=5.0)  # shown only on long streams
+    with Exports(export_dir, run.cfg) if export_dir is not None else contextlib.nullcontext() as exports:
+        for record in run:
+            if exports is not None:
+                exports.write(record)
+            if not run.cfg.quiet:
+                console(batch_line(record))
+            progress(record.batch)
+    return run
+
+def write_csv(path: Path, columns: list[str], rows: list[dict]) -> Path:
+    """A small CSV written whole: a header, then each row's values under their columns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([csv_cell(row[c]) for c in columns] for row in rows)
+    return path
+
+def write_sweep_csv(summaries: list[dict], directory: Path) -> Path:
+    return write_csv(directory / "seed_sweep.csv", ["seed", *SWEEP_FIGURES, "heals", "rollbacks"], summaries)
+
+def write_bench_csv(rows: list[BenchRow], directory: Path) -> Path:
+    return write_csv(directory / "bench.csv", [f.name for f in dataclasses.fields(BenchRow)],
+                     [dataclasses.asdict(r) for r in rows])
+
+def write_cell(directory: Path, cell: BenchCell, row: BenchRow, cfg: MeasurementConfig) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    entry = {"cell": cell.index, "config": bench_fingerprint(cfg), "row": dataclasses.asdict(row)}
+    write_atomic(directory / f"{cell.name}.json", json.dumps(_json_safe(entry), allow_nan=False) + "\n")
+
+def read_cells(directory: Path, cells: list[BenchCell], cfg: MeasurementConfig) -> list[BenchRow]:
+    """Every cell's row, from the shards' files; ConfigError names what is missing or foreign."""
+    missing = [c.name for c in cells if not (directory / f"{c.name}.json").is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ConfigError(f"--merge: {len(missing)} of {len(cells)} cells missing in {directory}: {shown}")
+    expected = {f"{c.name}.json" for c in cells}
+    others = sorted(p.name for p in directory.glob("cell-*.json") if p.name not in expected)
+    if others:
+        raise ConfigError(f"--merge: {directory} also holds {len(others)} cells that these flags do not make "
+                          f"(such as {others[0]}): give the --seed and --seeds the shards ran with")
+    rows, fingerprint = [], _json_safe(bench_fingerprint(cfg))
+    for c in cells:
+        path = directory / f"{c.name}.json"
+        entry = read_json_file(path, "--merge: bench cell")
+        try:
+            row = BenchRow(**{k: math.nan if v is None else v for k, v in entry["row"].items()})
+            same_cell = (entry["cell"] == c.index
+                         and (row.scenario, row.method, row.seed) == (c.scenario, c.method, c.seed))
+            same_flags = entry["config"] == fingerprint
+            numbers = [getattr(row, f.name) for f in dataclasses.fields(BenchRow) if f.type == "float"]
+            if not all(type(v) in (int, float) for v in numbers):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ConfigError(f"--merge: {path} is not a bench cell file") from None
+        if not same_cell:
+            raise ConfigError(f"--merge: {path} holds another cell than its name says")
+        if not same_flags:
+            raise ConfigError(f"--merge: {path} was made by a bench with other flags")
+        if not possible(row):
+            raise ConfigError(f"--merge: {path} holds figures no bench can produce")
+        rows.append(row)
+    return rows
+
+def foreign_cells(directory: Path, cells: list[BenchCell], cfg: MeasurementConfig) -> list[Path]:
+    """The files of these cells that a bench with other flags wrote (a shard must not count them as done)."""
+    fingerprint, foreign = _json_safe(bench_fingerprint(cfg)), []
+    for c in cells:
+        path = directory / f"{c.name}.json"
+        if path.is_file():
+            entry = read_json_file(path, "bench cell")
+            if not isinstance(entry, dict) or entry.get("config") != fingerprint:
+                foreign.append(path)
+    return foreign
+
+def save_figure(plt, fig, path: Path) -> Path:
+    with atomic_file(path, binary=True) as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return path
+
+def draw_plots(data: PlotData, directory: Path, names) -> list[Path]:
+    plt = pyplot()
+    return [save_figure(plt, PLOTS[name](plt, data), directory / name) for name in names]
+
+
+def write_figure(build: Callable, directory: Path, name: str) -> Path:
+    """One figure of Part IV's, drawn and saved as directory/name."""
+    plt = pyplot()
+    directory.mkdir(parents=True, exist_ok=True)
+    return save_figure(plt, build(plt), directory / name)
+
+
+# -- Processes
 
 WORKER_PROGRESS = None  # in a pool worker: where it tells each finished piece of work (a pipe's end)
 
@@ -3828,7 +3856,7 @@ def run_seed_sweep(cfg: Config, console: Callable[[str], None] = print, workers:
     console(f"Wrote {write_sweep_csv(summaries, exports)}")
     write_threshold_config(exports, cfg)
     if not cfg.no_plots:
-        plot_seed_sweep(summaries, Path(cfg.out) / "plots")
+        write_figure(lambda plt: plot_seed_sweep(plt, summaries), Path(cfg.out) / "plots", "seed_sweep.png")
     return summaries
 
 
@@ -3880,7 +3908,7 @@ def run_bench(cfg: Config, out: Path, console: Callable[[str], None], merged: li
     console(f"\nWrote {write_bench_csv(rows, out / 'monitoring_export')}")
     write_threshold_config(out / "monitoring_export", cfg)
     if not cfg.no_plots:
-        console(f"Wrote {plot_bench(rows, out / 'plots')}")
+        console(f"Wrote {write_figure(lambda plt: plot_bench(plt, rows), out / 'plots', 'bench.png')}")
     return 0
 
 
@@ -3960,50 +3988,6 @@ def claim_out(cfg: Config) -> list[int]:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"cannot write to --out {cfg.out}: {e.strerror or e}") from None
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised as an exception so that every finally block cleans up on the way out."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.status = 128 + signum
-
-
-STOPPING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def _stop(signum, frame):
-    """The first of these signals stops the run; the next ones are ignored, so that they cannot cut
-    its cleanup short (stopping workers, removing temporary files)."""
-    for sig in STOPPING_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
-
-
-@contextlib.contextmanager
-def stopping_cleanly():
-    """SIGTERM and SIGHUP stop the run as Ctrl-C does (a finally block cleans up on the way out); once
-    it is stopping, more of them are ignored, so that the cleanup is never cut short."""
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = {}
-    if in_main_thread:
-        previous = {sig: signal.getsignal(sig) for sig in STOPPING_SIGNALS}
-        for sig in STOPPING_SIGNALS:
-            if previous[sig] is not signal.SIG_IGN:  # one started with Ctrl-C ignored keeps ignoring it
-                signal.signal(sig, _stop)
-    try:
-        yield
-    except KeyboardInterrupt:
-        if in_main_thread:
-            for sig in STOPPING_SIGNALS:
-                signal.signal(sig, signal.SIG_IGN)
-            if previous[signal.SIGINT] is _interrupted_before_main:  # the script is leaving: keep ignoring them
-                previous = {}
-        raise
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def error_line(text: str) -> None:

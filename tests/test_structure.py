@@ -74,10 +74,10 @@ def traced_default_run(tmp_path) -> tuple[int, int]:
 def test_part_one_is_short_and_starts_with_the_articles_knobs():
     first, last = STARTS[0], STARTS[1] - 1
     body = [line for line in LINES[first:last] if line and not line.startswith("#")]
-    assert part_one_lines() <= 900, "Part I reads in one sitting"
+    assert part_one_lines() <= 905, "Part I reads in one sitting"
     assert body[0].startswith("def knob(") and "class ArticleConfig" in "\n".join(body[:20])
     assert max(len(line) for line in LINES) <= 120
-    assert len(LINES) <= 4150, "the file does not grow"
+    assert len(LINES) <= 4100, "the file does not grow"
 
 
 @pytest.mark.slow
