@@ -2203,8 +2203,8 @@ def make_method(name: str, trained: Trained, cfg: MeasurementConfig) -> StreamMe
 
 
 class Select(StreamMethod):
-    """Champion and challengers. Every other method runs in shadow on every batch and the champion's
-    answers are served, `calibrated` first. Labels arrive --label-delay batches late (the heal gets
+    """Champion and challengers. The CANDIDATES (every other method of the bench) run in shadow on every
+    batch and the champion's answers are served, `calibrated` first. Labels arrive --label-delay batches late (the heal gets
     them then too); each candidate's own decisions on that batch, at its own threshold, are then
     priced. A challenger takes over when, over the last --select-window labelled batches (by default
     all of them: the best method so far, which is what the best single method is in hindsight), it
@@ -2212,11 +2212,13 @@ class Select(StreamMethod):
     on evidence, not on one lucky batch. The window and the margin were chosen on seeds 0-4, not on
     the bench's seeds."""
     uses_labels = True
+    CANDIDATES = ("none", "calibrated", "heal", "heal-rules", "restandardize", "tent", "em-prior", "rethreshold",
+                  "retrain")  # a method added to the bench is a challenger only once it is named here
 
     def __init__(self, trained: Trained, cfg: MeasurementConfig):
         super().__init__(trained, cfg)
         late = dataclasses.replace(cfg, supervision="delayed")
-        self.candidates = {name: make_method(name, trained, late) for name in HEAL_METHODS if name != "select"}
+        self.candidates = {name: make_method(name, trained, late) for name in self.CANDIDATES}
         self.champion, self.answers, self.threshold = "calibrated", {}, cost_threshold(cfg)
         self.labelled = LateArrivals(cfg.label_delay)
         self.costs = {name: deque(maxlen=cfg.select_window) for name in self.candidates}

@@ -362,3 +362,12 @@ def test_row_only_ceiling_matches_monte_carlo_of_the_pooled_law(scenario):
     assert ceiling.cost > shp.bayes_ceiling(laws, cfg).cost, "knowing the batch is worth something"
     single = [shp.scenario_law("article", 1, cfg)]
     assert shp.row_only_ceiling(single, cfg).cost == pytest.approx(shp.bayes_ceiling(single, cfg).cost, rel=1e-6)
+
+
+def test_select_runs_the_candidates_it_names(small_trained):
+    """Select's challengers are the methods it names, each a bench method, none of them select itself."""
+    assert set(shp.Select.CANDIDATES) <= set(shp.HEAL_METHODS) - {"select"}
+    assert "calibrated" in shp.Select.CANDIDATES, "its first champion"
+    select = shp.Select(small_trained, shp.bench_config(shp.Config(**SMALL)))
+    assert list(select.candidates) == list(shp.Select.CANDIDATES)
+    select.close()
