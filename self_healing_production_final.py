@@ -123,6 +123,38 @@ class ArticleConfig:
     keep_last: int = knob(10, "most recent snapshots kept in the registry", "[1, 1000000]", role="run")
 
 
+INTERVAL = re.compile(r"([\[(])(-?[\d.e+]+|-inf), (-?[\d.e+]+|inf)([\])])")
+
+
+def follows(rule, value) -> bool:
+    """Whether value passes a field's rule: an interval such as "[1, 1000]" or "(0, 1]", or a
+    (test, words) pair."""
+    if not isinstance(rule, str):
+        return rule[0](value)
+    opening, low, high, closing = INTERVAL.fullmatch(rule).groups()
+    low, high = float(low), float(high)
+    return (low <= value if opening == "[" else low < value) and (value <= high if closing == "]" else value < high)
+
+
+def rule_words(rule) -> str:
+    return f"in {rule}" if isinstance(rule, str) else rule[1]
+
+
+def knob_problem(f: dataclasses.Field, value) -> Optional[str]:
+    """What a value must be to fit the knob, when it does not (its type, a finite number, its rule, its
+    choices); None when it fits."""
+    if f.type in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                       or f.type == "int" and not isinstance(value, int)):
+        return "an integer" if f.type == "int" else "a number"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "a finite number"
+    if f.metadata["rule"] is not None and not follows(f.metadata["rule"], value):
+        return rule_words(f.metadata["rule"])
+    if f.metadata["choices"] is not None and value not in f.metadata["choices"]:
+        return f"one of {', '.join(f.metadata['choices'])}"
+    return None
+
+
 # -- Data
 
 V14 = 7  # column index of the drifting feature "V14"
@@ -265,7 +297,13 @@ class Adapted(nn.Module):
     def __init__(self, model: nn.Module, name: str):
         super().__init__()
         self.model, self.path = model, name
-        child = model.get_submodule(name)
+        try:
+            child = model.get_submodule(name) if isinstance(name, str) and name else None
+        except AttributeError:
+            child = None
+        if child is None:
+            names = ", ".join(repr(n) for n, _ in list(model.named_modules())[1:4])
+            raise ValueError(f"the model has no child module {name!r}: name one by its dotted name ({names}, ...)")
         if not isinstance(child, ReflexiveLayer):  # the article's model trains its own; others get one
             self.path = name + ".1"
             with torch.random.fork_rng(devices=[]):  # the same adapter every time; the caller's stream untouched
@@ -287,9 +325,13 @@ class Adapted(nn.Module):
         parent, _, attribute = (path or self.path).rpartition(".")
         setattr(self.model.get_submodule(parent), attribute, layer)
 
-    def forward(self, x):
+    def raw(self, x):
+        """The model's own outputs, n x 1 or n x C: logits, or probabilities if it ends in Sigmoid or Softmax."""
         out = self.model(x)
-        out = out[:, None] if out.dim() == 1 else out
+        return out[:, None] if out.dim() == 1 else out
+
+    def forward(self, x):
+        out = self.raw(x)
         if self.logits:
             out = torch.sigmoid(out) if out.shape[1] == 1 else out.softmax(1)
         return out
@@ -475,20 +517,23 @@ def mean_binary_entropy(proba):
     return -(proba * torch.log(proba + 1e-8) + (1 - proba) * torch.log(1 - proba + 1e-8)).mean()
 
 
-def heal_loss(proba, targets, rule, weight, cfg: ArticleConfig):
-    """alpha * weighted BCE(targets) + (1 - alpha) * lambda * BCE(rule) + entropy term. The probabilities
-    are turned back into logits the article's way; its 1e-8 guards are part of what reproduces its numbers.
-    With C classes (proba n x C) the same three terms are cross-entropies and the mean entropy."""
-    if proba.shape[1] == 1:
-        logits = torch.log(proba / (1 - proba + 1e-8))
-        supervised = F.binary_cross_entropy_with_logits(logits, targets[:, None], pos_weight=torch.tensor(weight))
-        symbolic = F.binary_cross_entropy(proba, rule[:, None]) if rule is not None else torch.zeros(())
+def heal_loss(out, targets, rule, weight, cfg: ArticleConfig, logits: bool = False):
+    """alpha * weighted BCE(targets) + (1 - alpha) * lambda * BCE(rule) + entropy term, on the model's
+    probabilities (the article's) or, with `logits`, its raw outputs. Probabilities are turned back into
+    logits the article's way; its 1e-8 guards are part of what reproduces its numbers. With C classes
+    (out n x C) the same three terms are cross-entropies and the mean entropy."""
+    if out.shape[1] == 1:
+        proba = torch.sigmoid(out) if logits else out
+        z = out if logits else torch.log(proba / (1 - proba + 1e-8))
+        supervised = F.binary_cross_entropy_with_logits(z, targets[:, None], pos_weight=torch.tensor(weight))
+        symbolic = torch.zeros(()) if rule is None else F.binary_cross_entropy_with_logits(z, rule[:, None]) \
+            if logits else F.binary_cross_entropy(proba, rule[:, None])
         entropy = mean_binary_entropy(proba)
     else:
-        log_proba = torch.log(proba + 1e-8)
+        log_proba = F.log_softmax(out, 1) if logits else torch.log(out + 1e-8)
         supervised = F.nll_loss(log_proba, targets.long())
         symbolic = F.nll_loss(log_proba, rule.long()) if rule is not None else torch.zeros(())
-        entropy = -(proba * log_proba).sum(1).mean()
+        entropy = -(log_proba.exp() * log_proba).sum(1).mean()
     return cfg.alpha * supervised + (1 - cfg.alpha) * cfg.lambda_lag * symbolic + cfg.entropy_weight * entropy
 
 
@@ -523,7 +568,7 @@ class AdapterTrainer:
         losses = []
         for step in range(self.cfg.heal_steps):
             optimizer.zero_grad()
-            loss = heal_loss(self.model(X), targets, rule, weight, self.cfg)
+            loss = heal_loss(self.model.raw(X), targets, rule, weight, self.cfg, self.model.logits)
             if not torch.isfinite(loss):
                 raise HealRejected(f"non-finite loss at step {step + 1}")
             loss.backward()
@@ -726,34 +771,32 @@ HEALER_OPTIONS = ("conflict_thr", "conflict_min", "heal_steps", "heal_lr", "alph
 
 
 class SelfHealer:
-    """Self-healing around a trained PyTorch classifier: the article's method for any model.
+    """Self-healing around a trained PyTorch classifier: the article's method for any model. In a copy of
+    the model, a ReflexiveLayer goes after the child `name` (or that child heals, when it is one, as in
+    the article's model) and everything else is frozen. predict(X) serves batch 1, 2, ... and returns
+    probabilities (n, or n x C); observe(batch, y) hands in its labels, late or never.
 
-    SelfHealer(model, name) puts a ReflexiveLayer after the child module `name` (or heals it, when that
-    child is one already, as in the article's model) and freezes everything else, in a copy: the model
-    handed in is not changed. The model returns one output per row (binary: a probability when it ends
-    in a Sigmoid, else a logit) or C (probabilities after a Softmax, else logits).
-
-        proba = healer.predict(X)   # serve batch number 1, 2, ...: probabilities, n or n x C
-        healer.observe(batch, y)    # that batch's labels, whenever they arrive (or never)
-
-    A heal is due when the detector says the stream drifts (every batch, without a detector) or the rule
-    and the model disagree on at least conflict_min rows. With supervision "labels" it waits for labels
-    and learns from the newest labelled batch; with "rules" it heals at once on the rule's labels. Each
-    heal is versioned in the registry; when the health window degrades the best post-heal version is
-    restored. `records` holds the per-batch records the monitoring exports are written from.
-
-    detector: an object with check(X, proba) -> (score, drifting), such as FIDIMonitor. rule: X -> a label
-    per row, the article's symbolic rule. healer: where heals run (InlineHealer; Part II has others).
-    Keyword options: HEALER_OPTIONS, with the article's defaults.
+    A heal is due when the detector (check(X, proba) -> (score, drifting)) says the stream drifts (every
+    batch without one) or the rule (X -> a label per row) and the model disagree on conflict_min rows.
+    With supervision "labels" it learns from the newest labelled batch; with "rules", at once, from the
+    rule's. Heals are versioned in the registry and the best post-heal version comes back when the health
+    window degrades. healer: where heals run (Part II has more than InlineHealer). Options: HEALER_OPTIONS.
     """
 
     def __init__(self, model: nn.Module, name: str, *, detector=None, rule: Callable = None,
                  supervision: str = "labels", healer: Callable = InlineHealer, max_pending: int = 100,
                  keep_records: int = 10_000, **options):
-        unknown = sorted(set(options) - set(HEALER_OPTIONS))
-        if unknown or supervision not in ("labels", "rules") or (supervision == "rules" and rule is None):
-            raise TypeError(f"SelfHealer: unknown option {unknown[0]!r}" if unknown else
-                            "SelfHealer: supervision is 'labels' or 'rules' (which needs a rule)")
+        fields = {f.name: f for f in dataclasses.fields(ArticleConfig) if f.name in HEALER_OPTIONS}
+        for key, value in options.items():
+            if key not in fields:
+                raise TypeError(f"SelfHealer: unknown option {key!r}; the options are {', '.join(HEALER_OPTIONS)}")
+            problem = knob_problem(fields[key], value)
+            if problem:
+                raise ValueError(f"SelfHealer: {key} must be {problem}, got {value!r}")
+        if supervision not in ("labels", "rules") or (supervision == "rules" and rule is None):
+            raise ValueError("SelfHealer: supervision is 'labels' or 'rules' (which needs a rule)")
+        if not all(isinstance(n, int) and n >= 1 for n in (max_pending, keep_records)):
+            raise ValueError("SelfHealer: max_pending and keep_records are whole numbers, at least 1")
         self.cfg = dataclasses.replace(ArticleConfig(), **options)
         self.model = Adapted(copy.deepcopy(model), name)
         self.detector, self.rule, self.supervision = detector, rule, supervision
@@ -764,13 +807,29 @@ class SelfHealer:
         self.records: deque = deque(maxlen=keep_records)
         self.pending: dict = {}  # batch -> (X, served probabilities, rule labels, record) until labels arrive
         self.max_pending, self.served, self.wants_heal = max_pending, 0, False
+        self.lock = threading.Lock()  # one batch at a time, from whichever thread serves it
 
     def predict(self, X) -> np.ndarray:
-        """Serve the next batch: publish heals finished meanwhile, answer, then watch for drift."""
-        X = np.asarray(X.detach() if torch.is_tensor(X) else X, dtype=np.float32)
-        self.served += 1
-        record = BatchRecord(self.served)
-        self.records.append(record)
+        """Serve the next batch: publish heals finished meanwhile, answer, then watch for drift. A batch
+        that cannot be served (the model or the detector raises) takes no number."""
+        X = np.array(X.detach().cpu().numpy() if torch.is_tensor(X) else X)  # its own copy: callers reuse buffers
+        if X.ndim < 2 or len(X) == 0:
+            raise ValueError(f"a batch is one or more rows of features, got shape {X.shape}")
+        X = X.astype(np.float32, copy=False) if X.dtype.kind == "f" else X  # integer inputs stay (token ids)
+        with self.lock:
+            self.served += 1
+            record = BatchRecord(self.served)
+            self.records.append(record)
+            try:
+                return self.answer(record, X)
+            except Exception:
+                self.served, self.wants_heal = self.served - 1, False
+                self.records.pop()
+                if self.records:  # heals published at its start stay logged
+                    self.records[-1].events.extend(record.events)
+                raise
+
+    def answer(self, record: BatchRecord, X: np.ndarray) -> np.ndarray:
         self.publish_finished(record)
         refused = quarantined(X)
         if refused:
@@ -793,21 +852,27 @@ class SelfHealer:
         return proba
 
     def observe(self, batch: int, y) -> None:
-        """The labels of served batch number `batch`: they score it and, with supervision "labels",
-        feed the heal (labels of batches older than max_pending are dropped)."""
-        if not 1 <= batch <= self.served:
-            raise ValueError(f"batch {batch} has not been served")
-        if batch not in self.pending:
-            return
-        y = np.asarray(y.detach() if torch.is_tensor(y) else y, dtype=np.float32)
-        if y.shape != (len(self.pending[batch][0]),):
-            raise ValueError(f"batch {batch} has {len(self.pending[batch][0])} rows, and {y.shape} labels")
-        X, proba, rule, record = self.pending.pop(batch)
-        if record.served is None:
-            record.served = metrics_at(y, proba)
-        if self.supervision == "labels":
-            self.learn(HealBatch(X, y, rule), proba if record is self.records[-1] else None)
-            self.settle(self.records[-1])
+        """The labels of served batch number `batch` (class numbers): they score it and, with supervision
+        "labels", feed the heal. Labels of a batch observed already, quarantined, or older than max_pending
+        batches are dropped."""
+        with self.lock:
+            if not (isinstance(batch, int) and 1 <= batch <= self.served):
+                raise ValueError(f"batch {batch!r} has not been served")
+            if batch not in self.pending:
+                return
+            X, proba, rule, record = self.pending[batch]
+            y = np.array(y.detach().cpu().numpy() if torch.is_tensor(y) else y, dtype=np.float32)
+            classes = 2 if proba.ndim == 1 else proba.shape[1]
+            if y.shape != (len(X),) or not np.isin(y, np.arange(classes)).all():
+                raise ValueError(f"the labels of batch {batch} are {len(X)} class numbers in 0..{classes - 1}, "
+                                 f"got an array of shape {y.shape}" + ("" if y.shape != (len(X),) else
+                                                                        " with other values"))
+            del self.pending[batch]
+            if record.served is None:
+                record.served = metrics_at(y, proba)
+            if self.supervision == "labels":
+                self.learn(HealBatch(X, y, rule), proba if record is self.records[-1] else None)
+                self.settle(self.records[-1])
 
     def learn(self, view: HealBatch, view_proba: Optional[np.ndarray]) -> None:
         """Heal on a labelled batch if the newest batch asked for one, else only tell the health monitor."""
@@ -879,6 +944,8 @@ class SelfHealer:
 
     @staticmethod
     def settle(record: BatchRecord) -> None:
+        if record.state == "QUARANTINED":
+            return
         record.state = ("ROLLED_BACK" if record.restored_version is not None else
                         "HEALING" if record.version_post is not None or record.action == "heal_started" else
                         "DRIFTING" if record.drifting else "HEALTHY")
@@ -980,9 +1047,10 @@ class EngineConfig(ArticleConfig):
     heal_worker: str = knob("inline", "where heals run: inline (in the serving thread, as the article; no "
                             "timeout), thread (starts at once) or process (no interpreter lock shared with "
                             "inference; about 2 s to start)", choices=HEAL_WORKERS, role="run")
-    heal_timeout: float = knob(30.0, "seconds to wait for one heal before rejecting it", "(0, 86400]", role="run")
+    heal_timeout: float = knob(30.0, "seconds to wait for one heal before rejecting it (thread or process worker)",
+                               "(0, 86400]", role="run")
     async_apply: bool = knob(False, "do not wait for a heal: serve on and apply it at the first batch boundary "
-                             "after it finishes (timing-dependent, so not reproducible)")
+                             "after it finishes (thread or process worker; timing-dependent, so not reproducible)")
 
 
 def die_with_parent(parent: int) -> None:
@@ -1102,10 +1170,15 @@ class ProcessHeals:
     def start(self, job: HealJob) -> None:
         if self.process is None:
             import multiprocessing
+            try:
+                pickled = pickle.dumps(self.model)
+            except Exception as e:  # a class defined inside a function, a lambda hook, ...
+                self.failed = f"the model cannot be sent to a heal worker process: {type(e).__name__}: {e}"
+                return
             context = multiprocessing.get_context("spawn")  # safe beside running threads, unlike fork
             self.conn, theirs = context.Pipe()
             self.process = context.Process(target=heal_worker_loop, name="heal-worker", daemon=True,
-                                           args=(theirs, pickle.dumps(self.model), self.cfg, os.getpid()))
+                                           args=(theirs, pickled, self.cfg, os.getpid()))
             with ignoring_ctrl_c():
                 self.process.start()
             theirs.close()
@@ -1114,8 +1187,10 @@ class ProcessHeals:
             except (EOFError, OSError):
                 ready = False
             if not ready:
+                ended = self.process.exitcode
                 self.abandon()
-                self.failed = f"heal worker did not start within {self.STARTUP_TIMEOUT:g} s"
+                self.failed = (f"heal worker did not start within {self.STARTUP_TIMEOUT:g} s" if ended is None else
+                               f"heal worker process ended before it was ready (exit code {ended})")
                 return
         self.conn.send(("heal", job))
         self.pending = True
@@ -1244,6 +1319,9 @@ class ApplyWhenDone(WaitForHeal):
 def heals_in(worker: str = "thread", timeout: float = 30.0, apply_when_done: bool = False) -> Callable:
     """A SelfHealer's healer argument: heals in a thread or a worker process ("inline": Part I's), each
     waited for at most `timeout` seconds, or with apply_when_done applied at the first batch after it ends."""
+    if worker not in HEAL_WORKERS:
+        raise ValueError(f"heals_in: worker is one of {', '.join(HEAL_WORKERS)}, got {worker!r}")
+
     def healer(model: Adapted, cfg: ArticleConfig):
         if worker == "inline":
             return InlineHealer(model, cfg)
@@ -2204,13 +2282,13 @@ def make_method(name: str, trained: Trained, cfg: MeasurementConfig) -> StreamMe
 
 class Select(StreamMethod):
     """Champion and challengers. The CANDIDATES (every other method of the bench) run in shadow on every
-    batch and the champion's answers are served, `calibrated` first. Labels arrive --label-delay batches late (the heal gets
-    them then too); each candidate's own decisions on that batch, at its own threshold, are then
-    priced. A challenger takes over when, over the last --select-window labelled batches (by default
-    all of them: the best method so far, which is what the best single method is in hindsight), it
-    cost less than the champion by more than --select-z standard errors of the paired difference:
-    on evidence, not on one lucky batch. The window and the margin were chosen on seeds 0-4, not on
-    the bench's seeds."""
+    batch and the champion's answers are served, `calibrated` first. Labels arrive --label-delay batches
+    late (the heal gets them then too); each candidate's own decisions on that batch, at its own
+    threshold, are then priced. A challenger takes over when, over the last --select-window labelled
+    batches (by default all of them: the best method so far, which is what the best single method is in
+    hindsight), it cost less than the champion by more than --select-z standard errors of the paired
+    difference: on evidence, not on one lucky batch. The window and the margin were chosen on seeds 0-4,
+    not on the bench's seeds."""
     uses_labels = True
     CANDIDATES = ("none", "calibrated", "heal", "heal-rules", "restandardize", "tent", "em-prior", "rethreshold",
                   "retrain")  # a method added to the bench is a challenger only once it is named here
@@ -3592,6 +3670,11 @@ def parse_shard(text: str) -> Optional[tuple[int, int]]:
     return (k, n) if k < n else None
 
 
+def is_shard(text: str) -> bool:
+    """--shard's rule: none, or K/N."""
+    return text == "" or parse_shard(text) is not None
+
+
 @dataclass(frozen=True)
 class Config(MeasurementConfig):
     """The run: where its output goes, what it prints, how many seeds, the bench and its shards."""
@@ -3605,7 +3688,7 @@ class Config(MeasurementConfig):
     bench: bool = knob(False, "run every scenario against every method over --seeds and print when "
                        "self-healing helps", role="run")
     shard: str = knob("", "with --bench, run only shard K of N (K/N): one file per cell, merged by --merge",
-                      (lambda v: v == "" or parse_shard(v) is not None, "K/N with 0 <= K < N"), role="run")
+                      (is_shard, "K/N with 0 <= K < N"), role="run")
     merge: bool = knob(False, "with --bench, collect the cell files of all shards into the table, CSV and plot",
                        role="run")
 
@@ -3656,36 +3739,15 @@ def memory_limits() -> tuple[Optional[float], Optional[float]]:
     return free, room
 
 
-INTERVAL = re.compile(r"([\[(])(-?[\d.e+]+|-inf), (-?[\d.e+]+|inf)([\])])")
-
-
-def follows(rule, value) -> bool:
-    """Whether value passes a field's rule: an interval such as "[1, 1000]" or "(0, 1]", or a
-    (test, words) pair."""
-    if not isinstance(rule, str):
-        return rule[0](value)
-    opening, low, high, closing = INTERVAL.fullmatch(rule).groups()
-    low, high = float(low), float(high)
-    return (low <= value if opening == "[" else low < value) and (value <= high if closing == "]" else value < high)
-
-
-def rule_words(rule) -> str:
-    return f"in {rule}" if isinstance(rule, str) else rule[1]
-
-
 def validate(cfg: Config) -> Config:
     """Return cfg unchanged or raise ConfigError naming the first bad value."""
     def fail(name: str, rule: str):
         raise ConfigError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(cfg, name)!r}")
 
     for f in dataclasses.fields(cfg):
-        value, rule, choices = getattr(cfg, f.name), f.metadata["rule"], f.metadata["choices"]
-        if isinstance(value, float) and not math.isfinite(value):
-            fail(f.name, "a finite number")
-        if rule is not None and not follows(rule, value):
-            fail(f.name, rule_words(rule))
-        if choices is not None and value not in choices:
-            fail(f.name, f"one of {', '.join(choices)}")
+        problem = knob_problem(f, getattr(cfg, f.name))
+        if problem:
+            fail(f.name, problem)
     if not cfg.out.strip():
         fail("out", "a folder (empty names none)")
     for name in ("n_train", "n_test", "n_drift"):

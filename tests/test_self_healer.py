@@ -170,18 +170,84 @@ def test_mistakes_are_named():
     model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(TypeError, match="heal_step"):
         shp.SelfHealer(model, "1", heal_step=3)
-    with pytest.raises(TypeError, match="rule"):
-        shp.SelfHealer(model, "1", supervision="rules")
-    with pytest.raises(AttributeError):
-        shp.SelfHealer(model, "body")
+    for options, words in [(dict(keep_last=0), "keep_last must be in"), (dict(heal_steps="5"), "an integer"),
+                           (dict(heal_lr=float("nan")), "a finite number"), (dict(supervision="rules"), "rule"),
+                           (dict(max_pending=0), "max_pending")]:
+        with pytest.raises(ValueError, match=words):
+            shp.SelfHealer(model, "1", **options)
+    for name in ("body", "", 2):
+        with pytest.raises(ValueError, match="no child module"):
+            shp.SelfHealer(model, name)
+    with pytest.raises(ValueError, match="worker is one of"):
+        shp.heals_in("bogus")
     healer = shp.SelfHealer(model, "1")
     with pytest.raises(ValueError, match="batch 1 has not been served"):
         healer.observe(1, [0])
-    assert healer.predict(np.float32([[0, np.nan], [1, 1]])).shape == (2, 2), "quarantined: NaN answers, one per class"
-    assert healer.records[-1].state == "QUARANTINED"
+    for X in (np.float32([0, 1]), np.zeros((0, 2), np.float32), np.zeros((3, 5), np.float32)):
+        with pytest.raises((ValueError, RuntimeError)):
+            healer.predict(X)
+    assert healer.served == 0 and not healer.records, "a batch that was not served takes no number"
     healer.predict(np.float32([[0, 1], [1, 1]]))
-    with pytest.raises(ValueError, match="batch 2 has 2 rows"):
-        healer.observe(2, [0, 1, 1])
+    assert healer.predict(np.float32([[0, np.nan], [1, 1]])).shape == (2, 2), "quarantined: NaN answers, one per class"
+    for labels, words in [([0, 1, 1], "2 class numbers"), ([0, 2], "in 0..1"), ([0, np.nan], "other values")]:
+        with pytest.raises(ValueError, match=words):
+            healer.observe(1, labels)
+    healer.observe(1, torch.tensor([0, 1]))
+    assert healer.records[0].served is not None
+    assert healer.records[-1].state == "QUARANTINED", "labels arriving after it leave a quarantined batch as it was"
+
+
+def test_a_reused_input_buffer_does_not_change_what_a_heal_learns(four_classes):
+    """Loaders reuse one buffer per batch: the self-healer keeps its own copy of each batch it waits on."""
+    rng = np.random.default_rng(10)
+    batches = [_blobs(rng, 50, 4, shift=1.5) for _ in range(3)]
+    fresh, reused = shp.SelfHealer(four_classes, "3"), shp.SelfHealer(four_classes, "3")
+    buffer = np.empty_like(batches[0][0])
+    for healer in (fresh, reused):
+        for i, (X, y) in enumerate(batches, start=1):
+            if healer is reused:
+                buffer[:] = X
+                X = buffer
+            healer.predict(X)
+        for i, (_, y) in enumerate(batches, start=1):
+            healer.observe(i, y)
+    assert all(a.state_dict()[k].equal(b.state_dict()[k]) for a, b in [(fresh.model, reused.model)]
+               for k in a.state_dict())
+
+
+def test_a_confident_binary_model_still_heals_on_its_logits():
+    """A well-trained model's sigmoid rounds to exactly 0 on some rows; the heal works on the logits and
+    is not rejected for a non-finite loss."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 1))
+    X, y = _blobs(np.random.default_rng(11), 2000, 2)
+    _train(model, X, y.astype(np.float32), lambda out, t: nn.functional.binary_cross_entropy_with_logits(out[:, 0], t))
+    with torch.no_grad():
+        model[2].weight *= 20  # the same decisions, far more sure of them: logits in the hundreds
+        assert (torch.sigmoid(model(torch.from_numpy(X))) == 0).any(), "the test needs saturated rows"
+    healer = shp.SelfHealer(model, "1", heal_steps=20, heal_lr=0.01)
+    towards_class_1 = 0.5 * np.diff(np.random.RandomState(7).normal(0, 2.5, (2, 5)), axis=0)[0]
+    _stream(healer, model, np.random.default_rng(12), lambda rng: _blobs(rng, 200, 2, shift=towards_class_1),
+            delay=0, n_batches=10)
+    assert not [e for r in healer.records for e in r.events if e["type"] == "heal_failed"]
+
+
+def test_a_model_that_cannot_go_to_a_worker_process_is_a_rejected_heal():
+    def local_model():
+        class Local(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body, self.head = nn.Linear(2, 4), nn.Linear(4, 2)
+
+            def forward(self, x):
+                return self.head(self.body(x))
+        return Local()
+    healer = shp.SelfHealer(local_model(), "body", healer=shp.heals_in("process"))
+    healer.predict(np.float32([[0, 1], [1, 0]]))
+    healer.observe(1, [0, 1])
+    healer.close()
+    events = healer.records[-1].events
+    assert [e["type"] for e in events] == ["heal_failed"] and "cannot be sent" in events[0]["reason"]
 
 
 def test_importing_the_script_does_no_work(tmp_path):
