@@ -1340,8 +1340,10 @@ def heals_in(worker: str = "thread", timeout: float = 30.0, apply_when_done: boo
 
 SUPERVISION_MODES = ("labels", "rules", "delayed")
 SCENARIOS = ("article", "stationary", "offset", "gradual", "recurring", "prior", "covariate")
-HEAL_METHODS = ("none", "calibrated", "heal", "heal-rules", "restandardize", "tent", "em-prior", "rethreshold",
-                "retrain", "select")
+# The bench's two extension points, one table each, filled where their entries are defined below: a new
+# method or detector is one entry there (the flags' choices are these tables).
+HEAL_METHODS: dict = {}  # name -> the StreamMethod class ("Methods", below)
+DETECTORS: dict = {}     # name -> (title, factory(trained, cfg)) ("Detectors that see every drift", below)
 
 
 @dataclass(frozen=True)
@@ -1369,7 +1371,7 @@ class MeasurementConfig(EngineConfig):
     select_z: float = knob(1.0, "select changes champion when a challenger is cheaper by more than this many "
                            "standard errors of the paired difference", "[0, 100]")
     detector: str = knob("fidi", "what triggers the heal: fidi (the article's), adwin (on each row's V14) or ks "
-                         "(a KS test of the model's probabilities)", choices=("fidi", "adwin", "ks"))
+                         "(a KS test of the model's probabilities)", choices=DETECTORS)
     adwin_delta: float = knob(0.002, "ADWIN's confidence: the chance of a false alarm per check of its window",
                               "(0, 1)")
     ks_window: int = knob(3, "batches of model probabilities the KS detector tests at once", "[1, 1000000]")
@@ -1796,8 +1798,6 @@ def scenario_ceiling(name: str, cfg: MeasurementConfig) -> Ceiling:
 
 # -- Detectors that see every drift
 
-DETECTORS = ("fidi", "adwin", "ks")
-
 
 class _Bucket:
     """A summary of consecutive values: how many, their sum, and their sum of squared
@@ -1998,13 +1998,18 @@ class RowADWIN:
         return self.adwin.estimation, any(changed)
 
 
-def make_detector(trained: Trained, cfg: MeasurementConfig):
-    """The detector --detector names, for Part I's stream (FIDI is the article's)."""
-    if cfg.detector == "adwin":
-        return RowADWIN(trained, cfg)
-    if cfg.detector == "ks":
-        return KSDetector(trained, cfg)
+def fidi_on_v14(trained: Trained, cfg: MeasurementConfig) -> FIDIMonitor:
     return FIDIMonitor(trained.data.train.X[:, V14], cfg.fidi_window, cfg.fidi_threshold)
+
+
+# Each detector also has two BenchRow fields, the bench's CSV columns NAME_delay and NAME_false_alarms.
+DETECTORS.update({"fidi": ("FIDI", fidi_on_v14), "adwin": ("ADWIN (V14 rows)", RowADWIN),
+                  "ks": ("KS (model output)", KSDetector)})
+
+
+def make_detector(trained: Trained, cfg: MeasurementConfig):
+    """The detector --detector names, for Part I's experiment (FIDI is the article's)."""
+    return DETECTORS[cfg.detector][1](trained, cfg)
 
 
 def every_detector(trained: Trained, cfg: MeasurementConfig) -> dict:
@@ -2267,17 +2272,15 @@ class Retrain(StreamMethod):
         self.adaptations += 1
 
 
-METHODS = {"none": StreamMethod, "calibrated": Calibrated, "heal": HealMethod, "restandardize": Restandardize,
-           "tent": Tent, "em-prior": EMPrior, "rethreshold": Rethreshold, "retrain": Retrain}
+class HealRules(HealMethod):
+    """The heal with the rule's labels alone (--supervision rules): the bench runs the heal both ways."""
+
+    def __init__(self, trained: Trained, cfg: MeasurementConfig):
+        super().__init__(trained, dataclasses.replace(cfg, supervision="rules"))
 
 
 def make_method(name: str, trained: Trained, cfg: MeasurementConfig) -> StreamMethod:
-    """The heal runs twice in the bench: with labels, as the article does, and with the rule alone."""
-    if name == "heal-rules":
-        return HealMethod(trained, dataclasses.replace(cfg, supervision="rules"))
-    if name == "select":
-        return Select(trained, cfg)
-    return METHODS[name](trained, cfg)
+    return HEAL_METHODS[name](trained, cfg)
 
 
 class Select(StreamMethod):
@@ -2342,6 +2345,11 @@ class Select(StreamMethod):
     def close(self):
         for m in self.candidates.values():
             m.close()
+
+
+HEAL_METHODS.update({"none": StreamMethod, "calibrated": Calibrated, "heal": HealMethod, "heal-rules": HealRules,
+                     "restandardize": Restandardize, "tent": Tent, "em-prior": EMPrior, "rethreshold": Rethreshold,
+                     "retrain": Retrain, "select": Select})  # in the bench's order
 
 
 # -- The bench: every scenario against every method
@@ -2816,7 +2824,7 @@ def detector_report(rows: list[BenchRow]) -> list[str]:
         _num(float(np.mean([getattr(r, f"{d}_false_alarms") for r in per_seed])), ".1f") for d in DETECTORS])
     return ["", "Detectors: batches from the drift's onset to the first alarm (0: at the first drifted batch), "
                 "mean over the seeds; then alarms per 1,000 batches of a 1,000-batch stream where nothing drifts.",
-            *text_table(["scenario", "FIDI", "ADWIN (V14 rows)", "KS (model output)"], table, "<>>>")]
+            *text_table(["scenario"] + [title for title, _ in DETECTORS.values()], table, "<" + ">" * len(DETECTORS))]
 
 
 def bench_report(rows: list[BenchRow], cfg: MeasurementConfig) -> list[str]:
@@ -3106,7 +3114,7 @@ def plot_bench(plt, rows: list[BenchRow]):
         if math.isfinite(interval.low) and math.isfinite(interval.high):
             ax.text(j, k + 0.22, f"[{interval.low:+.2f}, {interval.high:+.2f}]", ha="center", va="center",
                     fontsize=7.5, color=ink)
-    ax.set_xticks(range(len(HEAL_METHODS)), HEAL_METHODS, rotation=30, ha="right")
+    ax.set_xticks(range(len(HEAL_METHODS)), list(HEAL_METHODS), rotation=30, ha="right")
     ax.set_yticks(range(len(SCENARIOS)), SCENARIOS)
     ax.set_title("Share of the cost gap to the Bayes ceiling closed, mean over seeds [95% interval]\n"
                  "(1 = Bayes, 0 = no adaptation; dark purple: below -1, worse than no adaptation by more than the gap)")
@@ -3649,7 +3657,7 @@ def run_bench_in_processes(cfg: MeasurementConfig, cells: list[BenchCell], worke
     jobs = [(cfg, [c for c in cells if c.seed == s]) for s in seeds]
     per_seed = map_in_processes(_run_cells, jobs, workers, Progress("bench", len(cells), "cells"))
     return sorted((row for rows in per_seed for row in rows),
-                  key=lambda r: (r.seed, SCENARIOS.index(r.scenario), HEAL_METHODS.index(r.method)))
+                  key=lambda r: (r.seed, SCENARIOS.index(r.scenario), list(HEAL_METHODS).index(r.method)))
 
 
 # Part VI. The command line
