@@ -510,6 +510,7 @@ class HealBatch:
     X: np.ndarray
     targets: np.ndarray  # the batch's true labels in the article; the rule's, when healing without labels
     rule: Optional[np.ndarray]
+    batch: int = 0       # the served batch these are (not the one that asked for the heal, when labels are late)
 
 
 def mean_binary_entropy(proba):
@@ -845,7 +846,7 @@ class SelfHealer:
         if len(self.pending) > self.max_pending:
             del self.pending[min(self.pending)]
         if self.supervision == "rules":
-            self.learn(HealBatch(X, rule, rule), proba)
+            self.learn(HealBatch(X, rule, rule, record.batch), proba)
         elif self.wants_heal:
             record.action = "await_labels"
         self.settle(record)
@@ -871,7 +872,7 @@ class SelfHealer:
             if record.served is None:
                 record.served = metrics_at(y, proba)
             if self.supervision == "labels":
-                self.learn(HealBatch(X, y, rule), proba if record is self.records[-1] else None)
+                self.learn(HealBatch(X, y, rule, batch), proba if record is self.records[-1] else None)
                 self.settle(self.records[-1])
 
     def learn(self, view: HealBatch, view_proba: Optional[np.ndarray]) -> None:
@@ -916,7 +917,7 @@ class SelfHealer:
         record.action, record.version_pre, record.version_post = "heal", pre_snap.version, post_snap.version
         self.monitor(record, after, post_heal=True)
         record.event("heal", job.batch, version_pre=pre_snap.version, version_post=post_snap.version,
-                     applied_at_batch=record.batch, pos_weight=job.weight,
+                     applied_at_batch=record.batch, learned_from_batch=job.view.batch, pos_weight=job.weight,
                      accuracy_before=before.accuracy, accuracy_after=after.accuracy,
                      f1_before=before.f1, f1_after=after.f1,
                      loss_first=result.losses[0] if result.losses else None,

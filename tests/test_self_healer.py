@@ -94,6 +94,8 @@ def test_a_multi_class_model_heals_on_late_labels(four_classes):
     assert [r.batch for r in records] == list(range(1, 42))
     assert records[1].action == "await_labels" and records[1].served is not None, "labels came later, and scored it"
     assert sum(r.version_post is not None for r in records) == 40 - 3, "a heal per batch once labels flow"
+    heals = [e for r in records for e in r.events if e["type"] == "heal"]
+    assert all(e["learned_from_batch"] == e["batch"] - 3 for e in heals), "each heal names the labels it learned"
 
 
 def test_wrong_labels_are_rolled_back_to_the_best_healed_version(four_classes):
