@@ -844,7 +844,7 @@ class SelfHealer:
         self.wants_heal = self.detector is None or record.drifting or record.conflicts >= self.cfg.conflict_min
         self.pending[record.batch] = (X, proba, rule, record)
         if len(self.pending) > self.max_pending:
-            del self.pending[min(self.pending)]
+            del self.pending[next(iter(self.pending))]  # the oldest: batches are added in the order served
         if self.supervision == "rules":
             self.learn(HealBatch(X, rule, rule, record.batch), proba)
         elif self.wants_heal:
