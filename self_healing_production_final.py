@@ -26,7 +26,10 @@ import copy
 import csv
 import dataclasses
 import datetime
+import functools
 import hashlib
+import itertools
+import io
 import json
 import math
 import os
@@ -2939,7 +2942,7 @@ class ImagesConfig(MeasurementConfig):
     image_train_batch: int = knob(32, "images per training batch", "[2, 100000]")
     image_batch_size: int = knob(64, "images per stream batch", "[2, 100000]")
     image_clean_batches: int = knob(2, "clean stream batches before the corruption sets in", "[0, 100000]")
-    image_batches: int = knob(10, "corrupted stream batches", "[1, 100000]")
+    image_batches: int = knob(8, "corrupted stream batches", "[1, 100000]")
 
 
 class BasicBlock(nn.Module):
@@ -3023,12 +3026,18 @@ def train_image_model(cfg: ImagesConfig, seed: int) -> TrainedImages:
     return TrainedImages(seed, to_arrays(model.state_dict()), image_accuracy(model, X_test, y_test))
 
 
+@functools.lru_cache(maxsize=1)
+def stream_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The digits of a seed's stream, the same under every corruption: drawn once per process."""
+    return digits(n, seed, "stream")
+
+
 def image_stream(cfg: ImagesConfig, seed: int, corruption: str) -> list[tuple]:
     """(images, labels, severity) per batch: image_clean_batches clean ones (severity 0), then
     image_batches under the corruption, at --severity or rising to it. The images are the same for
     every corruption of a seed, so corruptions compare on the same digits."""
     n = cfg.image_batch_size
-    X, y = digits(n * (cfg.image_clean_batches + cfg.image_batches), seed, "stream")
+    X, y = stream_digits(n * (cfg.image_clean_batches + cfg.image_batches), seed)
     batches = []
     for t in range(cfg.image_clean_batches + cfg.image_batches):
         k = t - cfg.image_clean_batches + 1  # corrupted batch number, 1..image_batches
@@ -3062,9 +3071,9 @@ def entropy_of_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 class ImageMethod:
-    """'none', and the protocol of all: predict(X, H) answers a batch from its images X or their
-    features H (the frozen layers' output up to layer4, computed once for every method that leaves
-    those layers alone); adapt(X, H, y) then sees it, with its labels only if uses_labels."""
+    """'none', and the protocol of all: predict(X, H) answers a batch from its images X or their features H
+    (the pooled output of the convolutional layers, what the linear head reads: computed once for all the
+    methods that leave those layers alone); adapt(X, H, y) then sees it, with its labels only if uses_labels."""
     uses_labels = False
 
     def __init__(self, model: ResNet18, tail: nn.Module, cfg: ImagesConfig, reference: np.ndarray):
@@ -3114,16 +3123,16 @@ class TentImages(ImageMethod):
 
 
 class HealImages(ImageMethod):
-    """heal: the article's adapter after layer4, healed by a SelfHealer with the labels of each batch
-    right after its answers (label_delay 0), when the KS detector on the frozen model's confidence
-    alarms; with its registry and rollback."""
+    """heal: the article's adapter between the pooled features and the linear head (where the article's sits
+    in its MLP), healed by a SelfHealer with each batch's labels right after its answers, when the KS
+    detector on the trained model's confidence alarms; with the registry and rollback."""
     uses_labels = True
     label_delay = 0
 
     def __init__(self, model, tail, cfg, reference, **options):
         super().__init__(model, tail, cfg, reference)
         detector = KSDetector(tail, reference, cfg.ks_window, cfg.ks_level)
-        self.healer = SelfHealer(tail, "layer4", detector=detector, max_pending=cfg.label_delay + 1, **options,
+        self.healer = SelfHealer(tail, "pool", detector=detector, max_pending=cfg.label_delay + 1, **options,
                                  **{name: getattr(cfg, name) for name in HEALER_OPTIONS})
         self.labels = LateArrivals(self.label_delay if self.uses_labels else 0)
 
@@ -3171,8 +3180,7 @@ class RetrainHead(ImageMethod):
         if arrived is None:
             return
         self.recent.append(arrived)
-        with torch.no_grad():
-            pooled = self.tail.pool(torch.from_numpy(np.concatenate([b[0] for b in self.recent])))
+        pooled = torch.from_numpy(np.concatenate([b[0] for b in self.recent]))
         targets = torch.from_numpy(np.concatenate([b[1] for b in self.recent]))
         fc = copy.deepcopy(self.trained_fc).requires_grad_(True)
         optimizer = Adam(fc.parameters(), lr=self.cfg.retrain_lr)
@@ -3187,6 +3195,7 @@ class RetrainHead(ImageMethod):
 IMAGE_METHODS = {"none": ImageMethod, "bn-adapt": BatchStatistics, "tent": TentImages, "heal": HealImages,
                  "heal-late": HealLate, "heal-pseudo": HealPseudo, "retrain-head": RetrainHead}
 IMAGE_SELECT = "select"  # serves, on each batch, the candidate that has been right most often on labelled batches
+IMAGE_ROWS = (*IMAGE_METHODS, IMAGE_SELECT)
 
 
 class FollowTheLeader:
@@ -3232,9 +3241,8 @@ def image_cell(cfg: ImagesConfig, trained: TrainedImages, corruption: str) -> li
     model = ResNet18(IMAGE_CLASSES, cfg.resnet_width)
     model.load_state_dict(from_arrays(trained.state))
     model.eval()
-    backbone = nn.Sequential(*list(model.children())[:5])  # stem .. layer4: left alone but by bn-adapt and tent
-    tail = nn.Sequential(OrderedDict(layer4=nn.Identity(), pool=copy.deepcopy(model.pool),
-                                     fc=copy.deepcopy(model.fc))).eval()
+    backbone = nn.Sequential(*list(model.children())[:6])  # stem .. pool: left alone but by bn-adapt and tent
+    tail = nn.Sequential(OrderedDict(pool=nn.Identity(), fc=copy.deepcopy(model.fc))).eval()
     with torch.inference_mode():
         reference = backbone(torch.from_numpy(digits(4 * cfg.image_batch_size, trained.seed, "reference")[0]))
     methods = {name: kind(model, copy.deepcopy(tail), cfg, reference.numpy()) for name, kind in IMAGE_METHODS.items()}
@@ -4444,26 +4452,36 @@ class CountHere:
         self.progress(self.done)
 
 
-def map_in_processes(fn: Callable, items: list, workers: int, progress: Progress) -> list:
-    """[fn(x) for x in items], spread over `workers` fresh processes, in order. fn calls told_done for
-    each piece of work it finishes, and progress shows them."""
+def map_in_processes(fn: Callable, items: list, workers: int, progress: Progress, then: Callable = None) -> list:
+    """[fn(x) for x in items], spread over `workers` fresh processes, in order. With `then`, the result r of
+    each item queues then(r), a list of (function, argument) pairs, as soon as r is ready, so that work which
+    needs r starts while other items still run; their results follow, in the order they were queued. The
+    functions call told_done for each piece of work they finish, and progress shows them."""
     global WORKER_PROGRESS
-    if workers <= 1 or len(items) <= 1:
+    if workers <= 1 or (len(items) <= 1 and then is None):
+        then = then or (lambda result: [])
         WORKER_PROGRESS = CountHere(progress)
         try:
-            return [fn(x) for x in items]
+            results = [fn(x) for x in items]
+            return results + [g(y) for r in results for g, y in then(r)]
         finally:
             WORKER_PROGRESS = None
     import multiprocessing
+    then = then or (lambda result: [])
     finished, told, count = *multiprocessing.get_context("spawn").Pipe(duplex=False), CountHere(progress)
     try:
         with process_pool(workers, "spawn", told) as pool:
-            futures = [pool.submit(fn, x) for x in items]
-            while not all(f.done() for f in futures):
+            futures, followed = [pool.submit(fn, x) for x in items], set()
+            while True:
+                for k, future in enumerate(futures[:len(items)]):
+                    if k not in followed and future.done() and future.exception() is None:
+                        followed.add(k)
+                        futures += [pool.submit(g, y) for g, y in then(future.result())]
+                if all(f.done() for f in futures):
+                    return [f.result() for f in futures]
                 concurrent.futures.wait(futures, timeout=0.2, return_when=concurrent.futures.FIRST_EXCEPTION)
                 while finished.poll():
                     count.put(finished.recv())
-            return [f.result() for f in futures]
     finally:
         finished.close()
         told.close()
@@ -4574,6 +4592,12 @@ def memory_estimate(cfg: Config) -> tuple[float, int]:
     how many processes hold that, from constants measured here: drawing the data holds about 250 bytes
     per row (float64 draws, then float32); the network is copied about 16 times (two models,
     optimizers, heal copies) plus its snapshots."""
+    if cfg.images:  # the network's copies (training, methods, optimizers), training activations, the images
+        w, streamed = cfg.resnet_width, cfg.image_batch_size * (cfg.image_clean_batches + cfg.image_batches)
+        parameters = 2724 * w * w + 257 * w + 10  # of ResNet18(10, w): 11,173,962 at width 64
+        per_process = 4 * (12 * parameters + 25_000 * w * max(cfg.image_train_batch, cfg.image_batch_size)
+                           + 128 * w * streamed) + 12_288 * (cfg.image_train + cfg.image_test + streamed)
+        return float(per_process), 1 + min(cfg.seeds * len(chosen_corruptions(cfg.corruptions)), os.cpu_count() or 1)
     h = cfg.hidden_dim
     parameters = 3 * h * h + 16 * h
     rows = cfg.n_train + cfg.n_test + 2 * cfg.n_drift + 4 * cfg.batch_size
@@ -4632,7 +4656,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"--seed {cfg.seed} with --seeds {cfg.seeds} runs past the largest seed, {SEED_MAX:,}")
     per_process, processes = memory_estimate(cfg)
     needed, (free, room) = (PROCESS_BASE + per_process) * processes, memory_limits()
-    how = "estimated: 300 MiB per process, 250 bytes per data row, 16 + --keep-best + --keep-last copies of the network"
+    how = ("estimated: 300 MiB per process, 12 kB per image, 12 copies of the ResNet-18, 100 kB of activations per "
+           "image and unit of width" if cfg.images else "estimated: 300 MiB per process, 250 bytes per data row, "
+           "16 + --keep-best + --keep-last copies of the network")
     if free and needed > 0.8 * free:
         raise ConfigError(f"these sizes need about {needed / 2 ** 30:,.1f} GiB ({how}), more than 80% of the "
                           f"{free / 2 ** 30:,.1f} GiB this machine has free")
@@ -4847,11 +4873,12 @@ def run_images(cfg: Config, out: Path, console: Callable[[str], None]) -> int:
     console(f"Training a width-{cfg.resnet_width} ResNet-18 on {cfg.image_train:,} rendered digits for each of "
             f"{len(seeds)} seeds, then streaming {len(corruptions)} corruptions through {len(IMAGE_METHODS) + 1} "
             f"methods, in {workers} processes ({image_device().type}).")
-    trained = map_in_processes(train_images_job, [(cfg, seed) for seed in seeds], min(len(seeds), workers),
-                               Progress("training", len(seeds), "seeds"))
-    jobs = [(cfg, t, c) for t in trained for c in corruptions]
-    rows = [row for rows in map_in_processes(image_cell_job, jobs, workers, Progress("streams", len(jobs), "streams"))
-            for row in rows]
+    done = map_in_processes(train_images_job, [(cfg, seed) for seed in seeds], workers,
+                            Progress("images", len(seeds) * (1 + len(corruptions)), "trainings and streams"),
+                            then=lambda trained: [(image_cell_job, (cfg, trained, c)) for c in corruptions])
+    order = {(seed, c, m): k for k, (seed, c, m) in enumerate(itertools.product(seeds, corruptions, IMAGE_ROWS))}
+    rows = sorted((row for rows in done[len(seeds):] for row in rows), key=lambda r: order[r.seed, r.corruption,
+                                                                                          r.method])
     for line in images_report(rows, cfg):
         console(line)
     console(f"\nWrote {write_images_csv(rows, out / 'monitoring_export')}")
