@@ -284,14 +284,12 @@ def output_width(model: nn.Module, child: nn.Module) -> int:
     or else (a child that passes its input on) the input width of the first one after it."""
     modules = list(model.modules())
     end = next(k for k, m in enumerate(modules) if m is child) + len(list(child.modules()))
-    for ms, names in ((reversed(modules[:end]), ("out_features", "out_channels", "num_features")),
-                      (modules[end:], ("in_features", "in_channels", "num_features"))):
-        for m in ms:
-            for width in names:
-                if isinstance(getattr(m, width, None), int):
-                    return getattr(m, width)
-    raise ValueError(f"cannot tell the width of the output of {type(child).__name__}: no Linear, Conv or BatchNorm "
-                     f"layer in the model")
+    for m, names in [(m, ("out_features", "out_channels", "num_features")) for m in modules[end - 1::-1]] + \
+                    [(m, ("in_features", "in_channels", "num_features")) for m in modules[end:]]:
+        width = next((getattr(m, name) for name in names if isinstance(getattr(m, name, None), int)), None)
+        if width is not None:
+            return width
+    raise ValueError(f"cannot tell the width of {type(child).__name__}'s output: the model has no Linear, Conv or BN")
 
 
 class Adapted(nn.Module):
@@ -2536,16 +2534,15 @@ FONTS = (
     "cmr10", "cmss10", "cmtt10", "cmb10", "cmti10",
 )
 
-_GLYPHS = {}  # (font, digit) -> (GLYPH_SIZE, GLYPH_SIZE) float32 coverage mask, filled on first use
-
-
 def _font_path(font):
     import matplotlib  # imported where it is used: a run that draws no digit does not pay for it
     return os.path.join(matplotlib.get_data_path(), "fonts", "ttf", font + ".ttf")
 
 
-def _render_glyph(font, digit):
-    """Rasterise one digit with Agg, centred and scaled to a fixed height so that fonts are comparable."""
+@functools.lru_cache(maxsize=None)
+def _glyph(font, digit):
+    """One digit rasterised by Agg, centred and scaled to a fixed height so that fonts are comparable: a
+    (GLYPH_SIZE, GLYPH_SIZE) coverage mask, drawn once per process."""
     from matplotlib.backends.backend_agg import RendererAgg
     from matplotlib.font_manager import FontProperties
     from matplotlib.textpath import TextPath
@@ -2562,23 +2559,14 @@ def _render_glyph(font, digit):
     return np.asarray(renderer.buffer_rgba())[..., 3].astype(np.float32) / 255
 
 
-def _glyph(font, digit):
-    if (font, digit) not in _GLYPHS:
-        _GLYPHS[(font, digit)] = _render_glyph(font, digit)
-    return _GLYPHS[(font, digit)]
-
-
 def available_fonts():
     """The fonts of FONTS present in this matplotlib installation."""
     return tuple(font for font in FONTS if os.path.exists(_font_path(font)))
 
 
 def _stroke_variants(fonts):
-    """Glyph masks at four stroke weights, shape (fonts, 10, 4, 32, 32): thinned, as rendered, thickened, thicker.
-
-    Max-pooling grows the strokes by one pixel of the 64x64 glyph canvas each side; min-pooling shrinks them.
-    The result is average-pooled to 32x32, so the weights differ by half an output pixel per side.
-    """
+    """Glyph masks at four stroke weights (fonts, 10, 4, 32, 32): max-pooling the 64x64 glyph grows its strokes
+    by a pixel a side, min-pooling shrinks them; average-pooled to 32x32, weights differ by half a pixel."""
     masks = torch.from_numpy(np.stack([[_glyph(font, d) for d in range(10)] for font in fonts]))
     flat = masks.reshape(-1, 1, GLYPH_SIZE, GLYPH_SIZE)
     thinner = -F.max_pool2d(-flat, 3, stride=1, padding=1)
@@ -2602,10 +2590,7 @@ def _affine_grid(theta, size):
 
 
 def _digit_masks(variants, labels, gen):
-    """Place each sample's glyph with random font, stroke weight, size, aspect, rotation and position.
-
-    Returns coverage masks (n, 1, 32, 32).
-    """
+    """Coverage masks (n, 1, 32, 32): each glyph at a random font, stroke, size, aspect, rotation, position."""
     n = len(labels)
     font = torch.randint(len(variants), (n,), generator=gen)
     weight = _uniform(gen, n, 0.0, 3.0)  # continuous index into the four stroke variants
@@ -2648,18 +2633,11 @@ def _textures(n, gen):
     return texture.clamp(0, 1)
 
 
-def _luminance(rgb):
-    return rgb @ torch.tensor([0.299, 0.587, 0.114])
-
-
 def _colours(n, gen, min_contrast=0.3, tries=16):
-    """Foreground and two background colours (each (n, 3)) whose luminances differ by at least min_contrast.
-
-    Draws several candidate triples per sample and keeps the first that qualifies (the best one otherwise),
-    which keeps the sampling vectorised and deterministic.
-    """
+    """Foreground and two background colours (each (n, 3)), the background's luminances min_contrast away from
+    the foreground's: the first of `tries` candidate triples that qualifies (vectorised), else the best."""
     candidates = torch.rand(n, tries, 3, 3, generator=gen)
-    lum = _luminance(candidates)
+    lum = candidates @ torch.tensor([0.299, 0.587, 0.114])
     separation = torch.minimum((lum[..., 0] - lum[..., 1]).abs(), (lum[..., 0] - lum[..., 2]).abs())
     ok = separation >= min_contrast
     pick = torch.where(ok.any(1), ok.float().argmax(1), separation.argmax(1))
@@ -2667,27 +2645,19 @@ def _colours(n, gen, min_contrast=0.3, tries=16):
     return chosen[:, 0], chosen[:, 1], chosen[:, 2]
 
 
-def _render_batch(variants, labels, gen):
-    n = len(labels)
-    mask = _digit_masks(variants, labels, gen)
-    texture = _textures(n, gen)
-    fg, bg1, bg2 = _colours(n, gen)
-    background = bg1[:, :, None, None] * (1 - 0.5 * texture) + bg2[:, :, None, None] * 0.5 * texture
-    return (background * (1 - mask) + fg[:, :, None, None] * mask).clamp(0, 1)
-
-
 def make_digit_images(n: int, seed: int, batch_size: int = 2000) -> tuple[np.ndarray, np.ndarray]:
-    """A balanced, shuffled 10-class set of printed digits on textured backgrounds, deterministic in seed.
-
-    Returns X float32 (n, 3, 32, 32) in [0, 1] and y int64 (n,). Uses its own torch.Generator, so the global
-    random streams are neither used nor changed.
-    """
+    """A balanced, shuffled set of printed digits on textured backgrounds: X float32 (n, 3, 32, 32) in [0, 1],
+    y int64 (n,), deterministic in seed, from a generator of its own (the global streams are left alone)."""
     gen = torch.Generator().manual_seed(seed)
     labels = (torch.arange(n) % 10)[torch.randperm(n, generator=gen)]
     variants = _stroke_variants(available_fonts())
     X = np.empty((n, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     for start in range(0, n, batch_size):
-        X[start:start + batch_size] = _render_batch(variants, labels[start:start + batch_size], gen).numpy()
+        mask = _digit_masks(variants, labels[start:start + batch_size], gen)
+        texture = _textures(len(mask), gen)
+        fg, bg1, bg2 = (c[:, :, None, None] for c in _colours(len(mask), gen))
+        background = bg1 * (1 - 0.5 * texture) + bg2 * 0.5 * texture
+        X[start:start + batch_size] = (background * (1 - mask) + fg * mask).clamp(0, 1).numpy()
     return X, labels.numpy().astype(np.int64)
 
 
@@ -2759,11 +2729,8 @@ def _shift_clamped(X, dy, dx):
 
 
 def motion_blur(X, severity, rs):
-    """ImageMagick's MotionBlurImage, which the original calls through Wand, at a random angle per image.
-
-    A one-sided Gaussian trail of 2*ceil(radius)+1 taps: tap i reads the pixel i*cos(angle) columns and
-    i*sin(angle) rows away (rounded), edges clamped as with ImageMagick's default 'edge' virtual pixels.
-    """
+    """ImageMagick's MotionBlurImage (the original calls it through Wand), at a random angle per image: a
+    one-sided Gaussian trail of 2*ceil(radius)+1 taps, tap i reading the pixel i steps along the angle."""
     radius, sigma = [(6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)][severity - 1]  # make_cifar_c.py motion_blur
     angle = np.deg2rad(rs.uniform(-45, 45, size=len(X)))
     taps = np.arange(2 * math.ceil(radius) + 1)
@@ -2778,12 +2745,8 @@ def motion_blur(X, severity, rs):
 
 
 def _zoom_theta(size, factor):
-    """affine_grid parameters (align_corners=True) for the original's centre zoom of a size x size image.
-
-    The original crops the central ceil(size / factor) pixels, resizes them corner to corner (scipy zoom, order 1)
-    to round(crop * factor) pixels and trims the centre back to size; output pixel i therefore reads input
-    position top + (i + trim) * step.
-    """
+    """affine_grid parameters (align_corners=True) of the original's centre zoom: crop the central
+    ceil(size / factor) pixels, resize them to round(crop * factor) (scipy, order 1), trim back to size."""
     crop = math.ceil(size / factor)
     top = (size - crop) // 2
     zoomed = round(crop * factor)
@@ -2824,11 +2787,8 @@ def brightness(X, severity, rs):
 
 
 def _plasma_fractal(rs, n, size, decay):
-    """n tileable diamond-square height maps (n, size, size) scaled to [0, 1]; size must be a power of two.
-
-    Follows the original's noise amplitude, wibble * U(-wibble, wibble), with wibble starting at 100 and divided
-    by decay at each level.
-    """
+    """n tileable diamond-square height maps (n, size, size) in [0, 1], size a power of two, with the original's
+    noise amplitude: wibble * U(-wibble, wibble), wibble 100 divided by decay at each level."""
     maps = np.zeros((n, size, size))
     step, wibble = size, 100.0
 
@@ -2863,11 +2823,8 @@ def fog(X, severity, rs):
 
 
 def _box_resize_matrix(n_in, n_out):
-    """Pillow's 1-D BOX resampling as an (n_out, n_in) matrix, read off by resizing an identity image.
-
-    Pillow averages the input pixels whose centres fall in each output pixel's box (not area-weighted),
-    and reading its weights keeps pixelate identical to the original's two PIL resizes without a per-image loop.
-    """
+    """Pillow's 1-D BOX resampling as an (n_out, n_in) matrix, read off an identity image: pixelate is then
+    the original's two resizes without a loop over the images."""
     from PIL import Image  # matplotlib's own dependency
     eye = Image.fromarray(np.eye(n_in, dtype=np.float32))
     return np.asarray(eye.resize((n_out, n_in), Image.Resampling.BOX), dtype=np.float64).T
@@ -2901,7 +2858,7 @@ CORRUPTIONS = {"gaussian_noise": gaussian_noise, "shot_noise": shot_noise, "impu
 def corrupt(X: np.ndarray, name: str, severity: int, rng: np.random.RandomState) -> np.ndarray:
     """One CIFAR-10-C corruption at severity 1..5 of a batch (n, 3, H, W) in [0, 1]; the caller's array is kept."""
     if name not in CORRUPTIONS or severity not in range(1, 6):
-        raise ValueError(f"corrupt: a corruption of {', '.join(CORRUPTIONS)} at severity 1..5, got {name!r} {severity!r}")
+        raise ValueError(f"corrupt: one of {', '.join(CORRUPTIONS)} at severity 1..5, got {name!r} {severity!r}")
     X = np.ascontiguousarray(np.clip(X, 0, 1), dtype=np.float32)
     return np.clip(CORRUPTIONS[name](X, severity, rng), 0, 1).astype(np.float32)
 
@@ -3923,24 +3880,25 @@ def images_report(rows: list[ImageRow], cfg) -> list[str]:
     summary = [[m, _mean_pm(spreads[(MEAN_ROW, m)], ".3f"), f"{100 * (1 - spreads[(MEAN_ROW, m)].mean):.1f}",
                 f"{100 * (spreads[(MEAN_ROW, m)].mean - none.mean):+.1f}"] for m in methods]
     drift = f"severity {cfg.severity}" if cfg.image_drift == "sudden" else f"severity rising 1..{cfg.severity}"
-    here = {m: 100 * (1 - spreads[(MEAN_ROW, m)].mean) for m in TENT_PUBLISHED_ERROR}
+    error = {m: 100 * (1 - spreads[(MEAN_ROW, m)].mean) for m in methods}
+    tent = TENT_PUBLISHED_ERROR
     return ["", f"Images: a width-{cfg.resnet_width} ResNet-18 on rendered digits, seeds {seeds[0]}..{seeds[-1]}; "
                 f"clean test accuracy {_mean_pm(clean, '.3f')}.",
-            f"Each corruption at {drift} after {cfg.image_clean_batches} clean batches: {cfg.image_batches} batches "
-            f"of {cfg.image_batch_size} images, each answered before any adaptation on it (prequential);",
+            f"Each corruption at {drift} after {cfg.image_clean_batches} clean batch(es): {cfg.image_batches} "
+            f"batches of {cfg.image_batch_size} images, each answered before any adaptation on it (prequential);",
             f"accuracy on the corrupted batches, mean over the seeds (none: the trained model as it is).",
             *text_table(["corruption", *methods], table, "<" + ">" * len(methods)),
             "", f"Mean over the {len(corruptions)} corruptions: accuracy (mean +- half the 95% bootstrap interval "
                 f"over the seeds), error and points recovered against none.",
             *text_table(["method", "accuracy", "error %", "points"], summary, "<>>>"),
             "", f"TENT's published CIFAR-10-C (severity 5, 15 corruptions, WRN-28-10; another dataset and network): "
-                f"error {TENT_PUBLISHED_ERROR['none']}% unadapted, {TENT_PUBLISHED_ERROR['bn-adapt']}% with batch "
-                f"statistics, {TENT_PUBLISHED_ERROR['tent']}% with TENT;",
-            f"here: {here['none']:.1f}%, {here['bn-adapt']:.1f}%, {here['tent']:.1f}%. The reported system recovers "
-            f"{REPORTED_POINTS} points; the adapter heal here recovers "
-            f"{100 * (spreads[(MEAN_ROW, 'heal')].mean - none.mean):+.1f} with each batch's labels, "
-            f"{100 * (spreads[(MEAN_ROW, 'heal-late')].mean - none.mean):+.1f} with them {cfg.label_delay} batches "
-            f"late."]
+                f"error {tent['none']}% unadapted, {tent['bn-adapt']}% with batch statistics "
+                f"({tent['none'] - tent['bn-adapt']:.1f} points recovered), {tent['tent']}% with TENT "
+                f"({tent['none'] - tent['tent']:.1f});",
+            f"here: {error['none']:.1f}%, {error['bn-adapt']:.1f}% ({error['none'] - error['bn-adapt']:.1f}), "
+            f"{error['tent']:.1f}% ({error['none'] - error['tent']:.1f}). The reported system recovers "
+            f"{REPORTED_POINTS} points; the adapter heal here {error['none'] - error['heal']:+.1f} with each batch's "
+            f"labels, {error['none'] - error['heal-late']:+.1f} with them {cfg.label_delay} batches late."]
 
 
 def plot_images(plt, rows: list[ImageRow]):
@@ -3953,8 +3911,8 @@ def plot_images(plt, rows: list[ImageRow]):
     fig, ax = plt.subplots(figsize=(11, 0.45 * len(corruptions) + 2.2), layout="constrained")
     image = ax.imshow(points, cmap="RdYlGn", vmin=-limit, vmax=limit, aspect="auto")
     for (k, j), value in np.ndenumerate(points):
-        ax.text(j, k, f"{value:+.1f}", ha="center", va="center", fontsize=9,
-                weight="bold" if corruptions[k] == MEAN_ROW else "normal")
+        ax.text(j, k, f"{value:+.1f}", ha="center", va="center", fontsize=9, color="white" if
+                abs(value) > 0.6 * limit else "black", weight="bold" if corruptions[k] == MEAN_ROW else "normal")
     ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
     ax.set_yticks(range(len(corruptions)), corruptions)
     ax.set_title("Points of accuracy recovered against the unadapted ResNet-18, mean over seeds")
@@ -4558,7 +4516,7 @@ class Config(ImagesConfig):
     article_table: bool = knob(False, "print the article's table beside this run's even when flags differ from the "
                                "article's (by default such a run prints how many of its figures match)", role="run")
     seeds: int = knob(1, f"run this many seeds (seed, seed+1, ...) and print their spread ({BENCH_SEEDS} with "
-                      "--bench unless given)", "[1, 10000]", role="run")
+                      f"--bench, {IMAGE_SEEDS} with --images, unless given)", "[1, 10000]", role="run")
     bench: bool = knob(False, "run every scenario against every method over --seeds and print when "
                        "self-healing helps", role="run")
     shard: str = knob("", "with --bench, run only shard K of N (K/N): one file per cell, merged by --merge",

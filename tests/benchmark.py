@@ -6,6 +6,8 @@
     python tests/benchmark.py --bench         # the full scenario bench: wall time and peak memory
     python tests/benchmark.py --bench --bench-batches 200   # the same at 200 batches a stream
     python tests/benchmark.py --sweep         # --seeds 10 --no-plots: wall time and CPU time
+    python tests/benchmark.py --images        # ResNet-18 speed per image, and --images: wall time and peak memory
+    python tests/benchmark.py --images --images-flags "--resnet-width 64 --seeds 1 --corruptions contrast"
 
 Every figure below is measured by this script and printed; nothing is assumed.
 """
@@ -167,10 +169,10 @@ def _tree_rss_mib(root: int) -> float:
     return sum(rss.get(pid, 0) for pid in tree) / 2 ** 20
 
 
-def bench(extra: list) -> None:
-    """The scenario bench with plots off, timed, its memory sampled every 20 ms across all its processes."""
+def timed_run(name: str, flags: list) -> None:
+    """A run of the script with plots off, timed, its memory sampled every 20 ms across all its processes."""
     with tempfile.TemporaryDirectory() as out:
-        args = [sys.executable, str(SCRIPT), "--bench", "--no-plots", "--out", out, *extra]
+        args = [sys.executable, str(SCRIPT), *flags, "--no-plots", "--out", out]
         start = time.perf_counter()
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
         peak = 0.0
@@ -180,10 +182,46 @@ def bench(extra: list) -> None:
         seconds = time.perf_counter() - start
         output = proc.stdout.read()
         if proc.returncode:
-            raise SystemExit(f"bench failed with exit status {proc.returncode}")
+            raise SystemExit(f"{' '.join(flags)} failed with exit status {proc.returncode}")
     print(output.splitlines()[0])
-    print(f"scenario bench ({' '.join(extra)}), plots off, {os.cpu_count()} cores: "
+    print(f"{name} ({' '.join(flags[1:])}), plots off, {os.cpu_count()} cores: "
           f"{seconds:.1f} s wall, peak memory of all its processes together {peak:.0f} MiB")
+
+
+def resnet_speed(widths=(8, 16, 64), batch: int = 128, threads=(1, 2)) -> None:
+    """Milliseconds per 32x32 image of the script's ResNet18: a training step (forward, backward, Adam) and
+    inference, by width and torch threads, each the best of three timings after a warm-up."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+    import torch.nn.functional as F
+    import self_healing_production_final as shp
+    X, y = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    for n_threads in threads:
+        torch.set_num_threads(n_threads)
+        for width in widths:
+            model = shp.ResNet18(10, width)
+            optimizer = shp.Adam(model.parameters(), lr=1e-3)
+
+            def train_step():
+                optimizer.zero_grad()
+                F.cross_entropy(model(X), y).backward()
+                optimizer.step()
+
+            def infer():
+                with torch.inference_mode():
+                    model(X)
+            timings = {}
+            for name, step, mode in (("train", train_step, model.train), ("infer", infer, model.eval)):
+                mode()
+                step()
+                runs = []
+                for _ in range(3):
+                    start = time.perf_counter()
+                    step()
+                    runs.append(time.perf_counter() - start)
+                timings[name] = 1000 * min(runs) / batch
+            print(f"ResNet18 width {width:2d}, {n_threads} thread{'s' if n_threads > 1 else ''}, batches of {batch}: "
+                  f"train {timings['train']:.2f} ms, infer {timings['infer']:.2f} ms per image")
 
 
 def sweep(seeds: int) -> None:
@@ -209,6 +247,8 @@ def main():
     parser.add_argument("--bench", action="store_true", help="only the scenario bench (5 seeds)")
     parser.add_argument("--bench-batches", type=int, default=25, help="stream batches of the bench's scenarios")
     parser.add_argument("--sweep", action="store_true", help="only a sweep of 10 seeds")
+    parser.add_argument("--images", action="store_true", help="only the ResNet-18's speed and an --images run")
+    parser.add_argument("--images-flags", default="", help="flags added to that --images run")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -217,7 +257,10 @@ def main():
     if args.startup:
         return startup(args.repeats)
     if args.bench:
-        return bench(["--n-batches", str(args.bench_batches)])
+        return timed_run("scenario bench", ["--bench", "--n-batches", str(args.bench_batches)])
+    if args.images:
+        resnet_speed()
+        return timed_run("images", ["--images", *args.images_flags.split()])
     if args.sweep:
         return sweep(10)
     latency(args.calls)

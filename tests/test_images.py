@@ -138,6 +138,7 @@ def test_the_heal_on_the_shared_features_is_the_heal_of_the_whole_resnet():
 def test_the_adapter_heal_with_labels_beats_no_adaptation_on_a_tiny_image_stream(image_model):
     cfg, trained, _ = image_model
     rows = {r.method: r for r in shp.image_cell(cfg, trained, "contrast")}
+    assert list(rows.values()) == shp.image_cell(cfg, trained, "contrast"), "the same flags, the same figures"
     assert set(rows) == {*shp.IMAGE_METHODS, shp.IMAGE_SELECT}
     assert rows["heal"].adaptations > 0
     assert rows["heal"].accuracy > rows["none"].accuracy, {m: r.accuracy for m, r in rows.items()}
@@ -190,3 +191,13 @@ def test_bad_image_flags_end_in_one_clear_line(flags, words, tmp_path, capsys, m
     captured = capsys.readouterr()
     assert code == 2 and captured.out == "" and not list(tmp_path.iterdir())
     assert captured.err.count("\n") == 1 and words in captured.err, captured.err
+
+
+def test_the_readme_prints_the_image_table_of_the_committed_images_csv():
+    """The README's table is what --images printed: its report, made again from the rows it wrote."""
+    types = {f.name: {"str": str, "int": int, "float": float}[f.type] for f in dataclasses.fields(shp.ImageRow)}
+    with open(SCRIPT.parent / "monitoring_export" / "images.csv", encoding="utf-8") as f:
+        rows = [shp.ImageRow(**{k: types[k](v) for k, v in row.items()}) for row in csv.DictReader(f)]
+    assert len(rows) == len(shp.CORRUPTIONS) * len(shp.IMAGE_ROWS) * shp.IMAGE_SEEDS
+    printed = "\n".join(shp.images_report(rows, shp.Config())[1:])
+    assert f"```\n{printed}\n```" in (SCRIPT.parent / "README.md").read_text(encoding="utf-8")
