@@ -4814,16 +4814,24 @@ def run_bench(cfg: Config, out: Path, console: Callable[[str], None], merged: li
         console(f"Running {len(cells)} cells ({len(SCENARIOS)} scenarios x {len(HEAL_METHODS)} methods x "
                 f"{cfg.seeds} seeds) in {workers} processes.")
         rows = run_bench_in_processes(cfg, cells, workers)
-    for line in bench_report(rows, cfg):
-        console(line)
-    console(f"\nWrote {write_bench_csv(rows, out / 'monitoring_export')}")
-    write_threshold_config(out / "monitoring_export", cfg)
-    if not cfg.no_plots:
-        console(f"Wrote {write_figure(lambda plt: plot_bench(plt, rows), out / 'plots', 'bench.png')}")
+    report_and_write(bench_report(rows, cfg), lambda folder: write_bench_csv(rows, folder),
+                     lambda plt: plot_bench(plt, rows), "bench.png", cfg, console)
     return 0
 
 
-def run_images(cfg: Config, out: Path, console: Callable[[str], None]) -> int:
+def report_and_write(lines: list[str], write_table: Callable, plot: Callable, figure: str, cfg: Config,
+                     console: Callable[[str], None]) -> None:
+    """A bench's or the images' report printed, its CSV and the threshold file written, then its figure."""
+    for line in lines:
+        console(line)
+    out = Path(cfg.out)
+    console(f"\nWrote {write_table(out / 'monitoring_export')}")
+    write_threshold_config(out / "monitoring_export", cfg)
+    if not cfg.no_plots:
+        console(f"Wrote {write_figure(plot, out / 'plots', figure)}")
+
+
+def run_images(cfg: Config, console: Callable[[str], None]) -> int:
     """Train a ResNet-18 per seed, stream every chosen corruption through every image method, report, write."""
     start = time.perf_counter()
     seeds, corruptions = [cfg.seed + k for k in range(cfg.seeds)], chosen_corruptions(cfg.corruptions)
@@ -4837,12 +4845,8 @@ def run_images(cfg: Config, out: Path, console: Callable[[str], None]) -> int:
     order = {(seed, c, m): k for k, (seed, c, m) in enumerate(itertools.product(seeds, corruptions, IMAGE_ROWS))}
     rows = sorted((row for rows in done[len(seeds):] for row in rows), key=lambda r: order[r.seed, r.corruption,
                                                                                           r.method])
-    for line in images_report(rows, cfg):
-        console(line)
-    console(f"\nWrote {write_images_csv(rows, out / 'monitoring_export')}")
-    write_threshold_config(out / "monitoring_export", cfg)
-    if not cfg.no_plots:
-        console(f"Wrote {write_figure(lambda plt: plot_images(plt, rows), out / 'plots', 'images.png')}")
+    report_and_write(images_report(rows, cfg), lambda folder: write_images_csv(rows, folder),
+                     lambda plt: plot_images(plt, rows), "images.png", cfg, console)
     console(f"Done in {time.perf_counter() - start:.1f} s.")
     return 0
 
@@ -4952,7 +4956,7 @@ def main(argv: list[str] = None) -> int:
             use_one_torch_thread()
             kind = run_kind(cfg)
             if kind == "images":
-                code = run_images(cfg, out, console)
+                code = run_images(cfg, console)
             elif kind in ("bench", "shard"):
                 code = run_bench(cfg, out, console, merged)
             elif kind == "sweep":
