@@ -4502,6 +4502,11 @@ def parse_shard(text: str) -> Optional[tuple[int, int]]:
     return (k, n) if k < n else None
 
 
+def is_archive_name(text: str) -> bool:
+    """--export-torchserve's rule: none, or a file name ending in .mar (TorchServe's model name is its stem)."""
+    return text == "" or (text.endswith(".mar") and re.fullmatch(r"[A-Za-z][\w-]*", Path(text).stem) is not None)
+
+
 def is_shard(text: str) -> bool:
     """--shard's rule: none, or K/N."""
     return text == "" or parse_shard(text) is not None
@@ -4523,6 +4528,9 @@ class Config(ImagesConfig):
                       (is_shard, "K/N with 0 <= K < N"), role="run")
     merge: bool = knob(False, "with --bench, collect the cell files of all shards into the table, CSV and plot",
                        role="run")
+    export_torchserve: str = knob("", "train as the article's run does, write a TorchServe archive of the model to "
+                                  "this .mar file and stop (the handler is this script; see the README)",
+                                  (is_archive_name, "a path ending in .mar"), role="run")
 
 
 def sweep_configs(cfg: Config) -> list[Config]:
@@ -4533,6 +4541,8 @@ def sweep_configs(cfg: Config) -> list[Config]:
 
 def run_kind(cfg: Config) -> str:
     """Which run the flags ask for: images, shard, bench, sweep, scenario (one scenario and method) or article."""
+    if cfg.export_torchserve:
+        return "torchserve"
     if cfg.images:
         return "images"
     if cfg.bench:
@@ -4594,6 +4604,8 @@ def validate(cfg: Config) -> Config:
         n = getattr(cfg, name)
         if not 0 < int(n * cfg.fraud_ratio) < n:
             fail(name, f"large enough to hold both classes at --fraud-ratio {cfg.fraud_ratio}")
+    if cfg.export_torchserve and (cfg.bench or cfg.images or cfg.seeds > 1):
+        raise ConfigError("--export-torchserve archives the article's model: drop --bench, --images and --seeds")
     if cfg.images and (cfg.bench or cfg.shard or cfg.merge):
         raise ConfigError("--images and --bench are two runs: give one of the two")
     if (cfg.shard or cfg.merge) and not cfg.bench:
@@ -4856,7 +4868,7 @@ def output_plan(cfg: Config) -> dict:
     kind = run_kind(cfg)
     if kind == "shard":
         return {"bench_cells": []}
-    if kind == "scenario":
+    if kind in ("scenario", "torchserve"):
         return {}
     exports, plots = {"bench": (["bench.csv"], ["bench.png"]), "sweep": (["seed_sweep.csv"], ["seed_sweep.png"]),
                       "images": (["images.csv"], ["images.png"]),
@@ -4930,6 +4942,109 @@ def claim_out(cfg: Config) -> list[int]:
         raise ConfigError(f"cannot write to --out {cfg.out}: {e.strerror or e}") from None
 
 
+# -- Served by TorchServe
+#
+# The script is the archive's handler: TorchServe imports it in its worker process and calls handle()
+# with each batch of requests. One worker holds one SelfHealer, with its registry and health monitor;
+# several workers would each heal on their own share of the requests, so the archive asks for one.
+
+TORCHSERVE_STATE = "self_healing_state.pt"  # in the archive: the trained model, FIDI's training V14, the flags
+
+
+def export_torchserve(cfg: Config, console: Callable[[str], None]) -> int:
+    """Train as the article's run does and write a TorchServe archive (a .mar: a zip with a manifest) holding
+    this script as its handler and the trained model, its adapter included."""
+    import zipfile
+    trained, path = train_models(cfg, train_side_by_side), Path(cfg.export_torchserve)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = io.BytesIO()
+    torch.save({"model": trained.model.state_dict(), "v14": torch.from_numpy(trained.data.train.X[:, V14].copy()),
+                "flags": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(MeasurementConfig)},
+                "exports": str(Path(cfg.out).resolve() / "monitoring_export")}, state)
+    manifest = {"createdOn": datetime.datetime.now().strftime("%d/%m/%Y %H:%M:%S"), "runtime": "python",
+                "model": {"modelName": path.stem, "serializedFile": TORCHSERVE_STATE, "handler": Path(__file__).name,
+                          "modelVersion": "1.0"}, "archiverVersion": "0.12.0"}
+    with atomic_file(path, binary=True) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(TORCHSERVE_STATE, state.getvalue())
+        archive.write(__file__, Path(__file__).name)
+        archive.writestr("MAR-INF/MANIFEST.json", json.dumps(manifest, indent=2))
+    console(f"Wrote {path}: model {path.stem!r}; its worker writes metrics.csv and events.json to "
+            f"{Path(cfg.out).resolve() / 'monitoring_export'}")
+    return 0
+
+
+SERVING: dict = {}  # this worker process's SelfHealer, its flags and its exports folder, made on the first call
+
+
+def start_serving(model_dir: str) -> None:
+    saved = torch.load(os.path.join(model_dir, TORCHSERVE_STATE), weights_only=True)
+    cfg = MeasurementConfig(**saved["flags"])
+    model = SelfHealingMLP(cfg.hidden_dim)
+    model.load_state_dict(saved["model"])
+    SERVING.update(cfg=cfg, exports=Path(saved["exports"]), healer=SelfHealer(
+        model, "reflexive", detector=FIDIMonitor(saved["v14"].numpy(), cfg.fidi_window, cfg.fidi_threshold),
+        rule=lambda X: rule_labels(X, cfg), healer=heals_in(cfg.heal_worker, cfg.heal_timeout, cfg.async_apply),
+        **{name: getattr(cfg, name) for name in HEALER_OPTIONS}))
+
+
+def serving_version(healer: SelfHealer) -> int:
+    """The registry version the healer serves now: the last one published or restored (1: the clean one)."""
+    for r in reversed(healer.records):
+        if r.restored_version is not None or r.version_post is not None:
+            return r.restored_version if r.restored_version is not None else r.version_post
+    return 1
+
+
+def serve_request(healer: SelfHealer, body) -> dict:
+    """One request's JSON: {"rows": [[10 numbers], ...]} is served, {"batch": k, "labels": [0 or 1, ...]}
+    hands in the labels of batch k. ValueError says what is wrong with a bad one."""
+    if isinstance(body, (bytes, bytearray)):
+        body = json.loads(body)  # a JSONDecodeError is a ValueError
+    if isinstance(body, dict) and set(body) == {"rows"}:
+        try:
+            X = np.array(body["rows"], dtype=np.float32)
+        except (TypeError, ValueError):
+            X = np.zeros(0)
+        if X.ndim != 2 or X.shape[1:] != (N_FEATURES,) or not len(X):
+            raise ValueError(f"rows: a list of rows of {N_FEATURES} numbers each")
+        if not np.isfinite(X).all():
+            raise ValueError("rows: NaN or infinite values (the batch was not served)")
+        proba = healer.predict(X)
+        record = healer.records[-1]
+        return {"batch": record.batch, "probabilities": [round(float(p), 6) for p in proba],
+                "version": serving_version(healer), "state": record.state}
+    if isinstance(body, dict) and set(body) == {"batch", "labels"}:
+        batch = body["batch"]
+        if not (type(batch) is int and 1 <= batch <= healer.served):
+            raise ValueError(f"batch {batch!r} has not been served")
+        if batch not in healer.pending:
+            raise ValueError(f"the labels of batch {batch} came already, or after {healer.max_pending} later batches")
+        healer.observe(batch, body["labels"])
+        return {"batch": batch, "observed": True, "version": serving_version(healer)}
+    raise ValueError('a request is a JSON object, {"rows": [...]} or {"batch": k, "labels": [...]}')
+
+
+def handle(data, context):
+    """TorchServe's entry point: answers in request order; a bad request gets status 400 and
+    {"error": reason}, and the worker serves on. metrics.csv and events.json are rewritten whole after
+    each call (the last keep_records batches), in the folder the archive names."""
+    if not SERVING:
+        start_serving(context.system_properties["model_dir"])
+    if data is None:  # TorchServe's call at load time
+        return None
+    answers = []
+    for k, request in enumerate(data):
+        try:
+            answers.append(serve_request(SERVING["healer"], request.get("body", request.get("data"))))
+        except ValueError as e:
+            context.set_response_status(400, str(e), idx=k)
+            answers.append({"error": str(e)})
+    with Exports(SERVING["exports"], SERVING["cfg"]) as exports:
+        for record in SERVING["healer"].records:
+            exports.write(record)
+    return answers
+
+
 def error_line(text: str) -> None:
     with contextlib.suppress(OSError, ValueError):
         print(f"self_healing_production_final.py: error: {text}", file=sys.stderr, flush=True)
@@ -4955,7 +5070,9 @@ def main(argv: list[str] = None) -> int:
             locks = claim_out(cfg)
             use_one_torch_thread()
             kind = run_kind(cfg)
-            if kind == "images":
+            if kind == "torchserve":
+                code = export_torchserve(cfg, console)
+            elif kind == "images":
                 code = run_images(cfg, console)
             elif kind in ("bench", "shard"):
                 code = run_bench(cfg, out, console, merged)
