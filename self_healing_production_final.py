@@ -4541,10 +4541,8 @@ def sweep_configs(cfg: Config) -> list[Config]:
 
 def run_kind(cfg: Config) -> str:
     """Which run the flags ask for: images, shard, bench, sweep, scenario (one scenario and method) or article."""
-    if cfg.export_torchserve:
-        return "torchserve"
-    if cfg.images:
-        return "images"
+    if cfg.export_torchserve or cfg.images:
+        return "torchserve" if cfg.export_torchserve else "images"
     if cfg.bench:
         return "shard" if cfg.shard else "bench"
     if cfg.seeds > 1:
@@ -4560,17 +4558,23 @@ def memory_estimate(cfg: Config) -> tuple[float, int]:
     how many processes hold that, from constants measured here: drawing the data holds about 250 bytes
     per row (float64 draws, then float32); the network is copied about 16 times (two models,
     optimizers, heal copies) plus its snapshots."""
-    if cfg.images:  # the network's copies (training, methods, optimizers), training activations, the images
-        w, streamed = cfg.resnet_width, cfg.image_batch_size * (cfg.image_clean_batches + cfg.image_batches)
-        parameters = 2724 * w * w + 257 * w + 10  # of ResNet18(10, w): 11,173,962 at width 64
-        per_process = 4 * (12 * parameters + 25_000 * w * max(cfg.image_train_batch, cfg.image_batch_size)
-                           + 128 * w * streamed) + 12_288 * (cfg.image_train + cfg.image_test + streamed)
-        return float(per_process), 1 + min(cfg.seeds * len(chosen_corruptions(cfg.corruptions)), os.cpu_count() or 1)
+    if cfg.images:
+        return image_memory_estimate(cfg)
     h = cfg.hidden_dim
     parameters = 3 * h * h + 16 * h
     rows = cfg.n_train + cfg.n_test + 2 * cfg.n_drift + 4 * cfg.batch_size
     per_process = 250 * rows + 4 * parameters * (16 + cfg.keep_best + cfg.keep_last)
     return float(per_process), 1 + (min(cfg.seeds, os.cpu_count() or 1) if cfg.bench or cfg.seeds > 1 else 0)
+
+
+def image_memory_estimate(cfg: Config) -> tuple[float, int]:
+    """memory_estimate of --images: the network's copies (training, methods, optimizers), the training
+    activations and the images."""
+    w, streamed = cfg.resnet_width, cfg.image_batch_size * (cfg.image_clean_batches + cfg.image_batches)
+    parameters = 2724 * w * w + 257 * w + 10  # of ResNet18(10, w): 11,173,962 at width 64
+    per_process = 4 * (12 * parameters + 25_000 * w * max(cfg.image_train_batch, cfg.image_batch_size)
+                       + 128 * w * streamed) + 12_288 * (cfg.image_train + cfg.image_test + streamed)
+    return float(per_process), 1 + min(cfg.seeds * len(chosen_corruptions(cfg.corruptions)), os.cpu_count() or 1)
 
 
 def memory_limits() -> tuple[Optional[float], Optional[float]]:

@@ -18,8 +18,9 @@ TINY = ["--n-train", "600", "--n-test", "200", "--n-drift", "200", "--epochs", "
         "--batch-size", "50", "--no-plots", "--quiet"]
 # The stream's parts, handed to Part I's loop by later parts: calls on them are the composition,
 # not a dependency (Part I names none of them).
-HANDED_IN = {"submit", "finished", "restore", "close", "check", "healer", "make_detector", "train_side_by_side",
-             "is_shard", "is_corruption_list"}  # the last two: knobs' rules, which Part I's knob_problem applies
+HANDED_IN = {"submit", "finished", "restore", "close", "check", "healer", "make_detector", "train_side_by_side"}
+HANDED_IN |= {f.metadata["rule"][0].__name__ for f in shp.dataclasses.fields(shp.Config)  # the knobs' own rules,
+              if isinstance(f.metadata["rule"], tuple)}  # which Part I's knob_problem applies
 
 
 def part_of(line: int) -> int:
@@ -78,7 +79,7 @@ def test_part_one_is_short_and_starts_with_the_articles_knobs():
     assert part_one_lines() <= 970, "Part I reads in one sitting"
     assert body[0].startswith("def knob(") and "class ArticleConfig" in "\n".join(body[:20])
     assert max(len(line) for line in LINES) <= 120
-    assert len(LINES) <= 5020, "the file does not grow (the images experiment took it from 4,150 to 5,012)"
+    assert len(LINES) <= 5140, "the file does not grow (images and TorchServe took it from 4,150 to 5,133 lines)"
 
 
 @pytest.mark.slow

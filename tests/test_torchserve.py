@@ -131,3 +131,28 @@ def test_torchserve_serves_heals_on_late_labels_refuses_bad_requests_and_exports
     assert [int(r["batch"]) for r in rows] == list(range(1, 14))
     events = json.loads((exports / "events.json").read_text(encoding="utf-8"))
     assert any(e["type"] == "heal" for e in events)
+
+
+def test_the_readmes_torchserve_commands_run_verbatim_and_print_what_it_shows(tmp_path):
+    """The README's block, run by bash in a fresh clone (its pip line aside: the test runs in that
+    environment already); its output is the README's, figure for figure, but for the clone's path."""
+    if shutil.which("java") is None or shutil.which("curl") is None:
+        pytest.skip("the README's TorchServe commands need java and curl")
+    readme = (SCRIPT.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Serve it with TorchServe", 1)[1]
+    commands = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    printed = section.split("TorchServe's own log lines left out):\n\n```\n", 1)[1].split("```", 1)[0]
+    clone = tmp_path / "repo"
+    subprocess.run(["git", "clone", "-q", str(SCRIPT.parent), str(clone)], check=True)
+    script = "\n".join(line for line in commands.splitlines() if not line.startswith("pip install"))
+    bin_dir = os.path.dirname(sys.executable)
+    run = subprocess.Popen(["bash", "-e", "-c", script], cwd=clone, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True,
+                           env={**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"]})
+    try:
+        out, err = run.communicate(timeout=300)
+    finally:
+        subprocess.run([os.path.join(bin_dir, "torchserve"), "--stop"], cwd=clone, capture_output=True, timeout=60)
+        stop_group(run)
+    assert run.returncode == 0, err
+    assert out.replace(str(clone), "/tmp/tsreadme/repo") == printed
