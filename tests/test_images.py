@@ -156,7 +156,7 @@ def test_a_gradual_stream_raises_the_severity_to_the_chosen_one():
 
 IMAGES_TINY_FLAGS = ["--images", "--seeds", "1", "--corruptions", "contrast,fog", "--resnet-width", "4",
                      "--image-train", "300", "--image-test", "100", "--image-epochs", "1", "--image-batches", "2",
-                     "--image-clean-batches", "1"]
+                     "--image-clean-batches", "1", "--label-delay", "1"]
 
 
 @pytest.mark.slow
@@ -171,7 +171,7 @@ def test_images_runs_end_to_end_and_writes_its_table_csv_and_plot(tmp_path):
     assert (tmp_path / "plots" / "images.png").stat().st_size > 10_000
     for r in rows:  # the table prints each method's accuracy as the CSV holds it
         assert f"{float(r['accuracy']):.3f}" in done.stdout
-    assert "TENT's published CIFAR-10-C" in done.stdout and "27.8" in done.stdout
+    assert "TENT's repository example on CIFAR-10-C" in done.stdout and "27.8" in done.stdout
 
 
 @pytest.mark.parametrize("flags, words", [
@@ -179,7 +179,11 @@ def test_images_runs_end_to_end_and_writes_its_table_csv_and_plot(tmp_path):
     (["--images", "--corruptions", "gaussian_noise,snow"], "--corruptions must be all or names of corruptions"),
     (["--images", "--resnet-width", "0"], "--resnet-width must be in [1, 512], got 0"),
     (["--severity", "3"], "--severity goes with --images"),
-    (["--images", "--bench"], "--images and --bench are two runs"),
+    (["--images", "--bench"], "--images and --bench go with two different runs"),
+    (["--images", "--merge"], "--shard and --merge go with --bench"),
+    (["--images", "--scenario", "offset"], "--scenario does not apply to --images"),
+    (["--images", "--hidden-dim", "3"], "--hidden-dim does not apply to --images"),
+    (["--images", "--label-delay", "10"], "--label-delay 10 is as long as the whole image stream (10 batches)"),
     (["--images", "--image-drift", "slow"], "argument --image-drift: invalid choice: 'slow'"),
 ])
 def test_bad_image_flags_end_in_one_clear_line(flags, words, tmp_path, capsys, monkeypatch):
