@@ -205,3 +205,29 @@ def test_the_readme_prints_the_image_table_of_the_committed_images_csv():
     assert len(rows) == len(shp.CORRUPTIONS) * len(shp.IMAGE_ROWS) * shp.IMAGE_SEEDS
     printed = "\n".join(shp.images_report(rows, shp.Config())[1:])
     assert f"```\n{printed}\n```" in (SCRIPT.parent / "README.md").read_text(encoding="utf-8")
+
+
+def test_late_labels_reach_the_heal_and_select_label_delay_batches_late(image_model):
+    cfg, trained, model = image_model
+    cfg = dataclasses.replace(cfg, label_delay=2)
+    backbone = nn.Sequential(*list(model.children())[:6])
+    tail = nn.Sequential(OrderedDict(pool=nn.Identity(), fc=model.fc)).eval()
+    with torch.no_grad():
+        reference = backbone(torch.from_numpy(shp.digits(128, 0, "reference")[0])).numpy()
+    late = shp.HealLate(model, tail, cfg, reference)
+    late.healer.detector = None  # heal at every batch whose labels have arrived
+    select = shp.FollowTheLeader(["none", "other"], cfg.label_delay)
+    for X, y, _ in shp.image_stream(cfg, 0, "contrast"):
+        with torch.no_grad():
+            H = backbone(torch.from_numpy(X)).numpy()
+        late.predict(X, H)
+        late.adapt(X, H, y)
+        wrong = np.full((len(y), 10), 0.1)
+        wrong[np.arange(len(y)), (y + 1) % 10] = 1.0
+        answers = {"none": wrong, "other": np.eye(10)[y]}  # "other" is always right
+        select.learn(answers, y)
+        if len(select.labels.pending) < cfg.label_delay:  # nothing has arrived yet
+            assert select.leader == "none"
+    heals = [e for r in late.healer.records for e in r.events if e["type"] == "heal"]
+    assert heals and all(e["learned_from_batch"] == e["applied_at_batch"] - 2 for e in heals), heals
+    assert select.leader == "other" and select.switches == 1
