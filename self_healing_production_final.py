@@ -3093,7 +3093,7 @@ class HealImages(ImageMethod):
         detector = KSDetector(tail, reference, cfg.ks_window, cfg.ks_level)
         self.healer = SelfHealer(tail, "pool", detector=detector, max_pending=cfg.label_delay + 1, **options,
                                  **{name: getattr(cfg, name) for name in HEALER_OPTIONS})
-        self.labels = LateArrivals(self.label_delay if self.uses_labels else 0)
+        self.labels = LateArrivals(self.label_delay)
 
     def predict(self, X, H):
         return self.healer.predict(H)
@@ -4420,8 +4420,8 @@ def map_in_processes(fn: Callable, items: list, workers: int, progress: Progress
     needs r starts while other items still run; their results follow, in the order they were queued. The
     functions call told_done for each piece of work they finish, and progress shows them."""
     global WORKER_PROGRESS
-    if workers <= 1 or (len(items) <= 1 and then is None):
-        then = then or (lambda result: [])
+    in_turn, then = workers <= 1 or (len(items) <= 1 and then is None), then or (lambda result: [])
+    if in_turn:
         WORKER_PROGRESS = CountHere(progress)
         try:
             results = [fn(x) for x in items]
@@ -4429,7 +4429,6 @@ def map_in_processes(fn: Callable, items: list, workers: int, progress: Progress
         finally:
             WORKER_PROGRESS = None
     import multiprocessing
-    then = then or (lambda result: [])
     finished, told, count = *multiprocessing.get_context("spawn").Pipe(duplex=False), CountHere(progress)
     try:
         with process_pool(workers, "spawn", told) as pool:
