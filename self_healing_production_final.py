@@ -2296,50 +2296,68 @@ def make_method(name: str, trained: Trained, cfg: MeasurementConfig) -> StreamMe
     return HEAL_METHODS[name](trained, cfg)
 
 
-class Select(StreamMethod):
-    """Champion and challengers. The CANDIDATES (every other method of the bench) run in shadow on every
-    batch and the champion's answers are served, `calibrated` first. Labels arrive --label-delay batches
-    late (the heal gets them then too); each candidate's own decisions on that batch, at its own
-    threshold, are then priced. A challenger takes over when, over the last --select-window labelled
-    batches (by default all of them: the best method so far, which is what the best single method is in
-    hindsight), it cost less than the champion by more than --select-z standard errors of the paired
-    difference: on evidence, not on one lucky batch. The window and the margin were chosen on seeds 0-4,
-    not on the bench's seeds."""
-    uses_labels = True
-    CANDIDATES = ("none", "calibrated", "heal", "heal-rules", "restandardize", "tent", "em-prior", "rethreshold",
-                  "retrain")  # a method added to the bench is a challenger only once it is named here
+@dataclass
+class Served:
+    """What a method served on one stream: on each batch its probabilities and the threshold above which
+    it flagged fraud; and on how many batches it changed what it serves."""
+    proba: list = field(default_factory=list)
+    thresholds: list = field(default_factory=list)
+    adaptations: int = 0
 
-    def __init__(self, trained: Trained, cfg: MeasurementConfig):
-        super().__init__(trained, cfg)
-        late = dataclasses.replace(cfg, supervision="delayed")
-        self.candidates = {name: make_method(name, trained, late) for name in self.CANDIDATES}
-        self.champion, self.answers, self.threshold = "calibrated", {}, cost_threshold(cfg)
-        self.labelled = LateArrivals(cfg.label_delay)
-        self.costs = {name: deque(maxlen=cfg.select_window) for name in self.candidates}
 
-    def predict(self, X):
-        answers = {name: (m.predict(X), m.flag_threshold()) for name, m in self.candidates.items()}
-        self.answers[id(X)], self.threshold = answers, answers[self.champion][1]
-        return answers[self.champion][0]
+def serve_stream(method: StreamMethod, batches: list) -> Served:
+    """Prequential: each batch is answered before the method adapts on it (with its labels, if it uses any)."""
+    served = Served()
+    try:
+        for X, y in batches:
+            served.proba.append(method.predict(X))
+            served.thresholds.append(method.flag_threshold())
+            method.adapt(X, y if method.uses_labels else None)
+    finally:
+        method.close()
+    served.adaptations = method.adaptations
+    return served
 
-    def flag_threshold(self):
-        return self.threshold
 
-    def adapt(self, X, y):
-        answers, self.answers = self.answers[id(X)], {}  # what each candidate answered on this batch
-        decisions = {name: proba > threshold for name, (proba, threshold) in answers.items()}
-        for m in self.candidates.values():
-            m.adapt(X, y if m.uses_labels else None)
-        arrived = self.labelled.push((decisions, y))  # y is read again only once it has arrived
-        if arrived is None:
-            return
-        decisions, labels = arrived
-        for name, flagged in decisions.items():
-            self.costs[name].append(cost_per_1000(classify(labels, flagged), self.cfg))
-        challenger = self.best_challenger()
-        if challenger is not None:
-            self.champion = challenger
-            self.adaptations += 1
+class Select:
+    """Champion and challengers. The CANDIDATES run in shadow on every batch and the champion's answers
+    are served, `calibrated` first. Labels arrive --label-delay batches late; each candidate's own
+    decisions on that batch, at its own threshold, are then priced. A challenger takes over when, over
+    the last --select-window labelled batches (by default all of them: the best method so far, which is
+    what the best single method is in hindsight), it cost less than the champion by more than --select-z
+    standard errors of the paired difference: on evidence, not on one lucky batch. The window and the
+    margin were chosen on seeds 0-4, not on the bench's seeds.
+
+    What a candidate learns from is the stream (labels or inputs), never what select serves, so select
+    is read off its candidates' own runs on the same stream (serve): nothing runs twice."""
+    # name -> the --supervision it runs with, where not the bench's: select's heal gets its labels as late
+    # as select does. A method added to the bench is a challenger only once it is named here.
+    CANDIDATES = {"none": None, "calibrated": None, "heal": "delayed", "heal-rules": None, "restandardize": None,
+                  "tent": None, "em-prior": None, "rethreshold": None, "retrain": None}
+
+    def __init__(self, cfg: MeasurementConfig):
+        self.cfg, self.champion = cfg, "calibrated"
+        self.costs = {name: deque(maxlen=cfg.select_window) for name in self.CANDIDATES}
+
+    def serve(self, runs: dict[str, Served], labels: list) -> Served:
+        """What select serves, given each candidate's run and each batch's labels (read only once they
+        have arrived)."""
+        served, labelled = Served(), LateArrivals(self.cfg.label_delay)
+        for t, y in enumerate(labels):
+            served.proba.append(runs[self.champion].proba[t])
+            served.thresholds.append(runs[self.champion].thresholds[t])
+            arrived = labelled.push((t, y))
+            if arrived is None:
+                continue
+            t_labelled, y_labelled = arrived
+            for name in self.costs:
+                flagged = runs[name].proba[t_labelled] > runs[name].thresholds[t_labelled]
+                self.costs[name].append(cost_per_1000(classify(y_labelled, flagged), self.cfg))
+            challenger = self.best_challenger()
+            if challenger is not None:
+                self.champion = challenger
+                served.adaptations += 1
+        return served
 
     def best_challenger(self) -> Optional[str]:
         """The challenger most surely cheaper than the champion, if one is by more than select_z."""
@@ -2354,10 +2372,6 @@ class Select(StreamMethod):
             if name != self.champion and z > best_z:
                 best, best_z = name, z
         return best
-
-    def close(self):
-        for m in self.candidates.values():
-            m.close()
 
 
 HEAL_METHODS.update({"none": StreamMethod, "calibrated": Calibrated, "heal": HealMethod, "heal-rules": HealRules,
@@ -2405,45 +2419,59 @@ def detection_figures(delays: dict, alarms: dict) -> dict:
             **{f"{name}_false_alarms": rate for name, rate in alarms.items()}}
 
 
-def bench_cell(scenario: str, method: str, trained: Trained, cfg: MeasurementConfig, ceiling: Ceiling,
-               detection: dict = None) -> BenchRow:
-    """Stream the scenario through the method; score every prediction made before adapting. detection:
-    the detectors' delays and false alarms on this stream (detection_delays, false_alarms)."""
-    served = make_method(method, trained, cfg)
-    labels, proba, flagged, none_flagged = [], [], [], []
-    try:
-        for X, y in scenario_batches(scenario, cfg, trained):
-            p = served.predict(X)
-            labels.append(y)
-            proba.append(p)
-            flagged.append(p > served.flag_threshold())
-            none_flagged.append(predict_proba(trained.model, X) > cost_threshold(cfg))
-            served.adapt(X, y if served.uses_labels else None)
-    finally:
-        served.close()
-    y, p = np.concatenate(labels), np.concatenate(proba)
-    at_half = metrics_at(y, p)
-    cost = cost_per_1000(classify(y, np.concatenate(flagged)), cfg)
-    none_cost = cost_per_1000(classify(y, np.concatenate(none_flagged)), cfg)
-    normal_share = 1 - float(y.mean())
-    gap = none_cost - ceiling.cost
-    return BenchRow(
-        scenario, method, cfg.seed, at_half.accuracy, at_half.f1, roc_auc(y, p), cost, none_cost,
-        (at_half.accuracy - normal_share) / (1 - normal_share) if normal_share < 1 else math.nan,
-        (none_cost - cost) / gap if gap > MIN_GAP * none_cost else math.nan,
-        1000 * served.adaptations / cfg.n_batches, ceiling.accuracy, ceiling.roc_auc, ceiling.cost, **(detection or {}))
+def stream_runs(batches: list, methods: Iterable[str], trained: Trained, cfg: MeasurementConfig) -> dict:
+    """Method -> what it served on the batches, for `methods` and `none` (which every row is measured
+    against). Each method runs once; select is read off its candidates' runs, and a candidate runs once
+    more only where select runs it with other settings than the bench does."""
+    runs: dict = {}
+
+    def run(name: str, supervision: Optional[str] = None) -> Served:
+        key = (name, supervision or cfg.supervision)
+        if key not in runs:
+            runs[key] = serve_stream(make_method(name, trained, dataclasses.replace(cfg, supervision=key[1])),
+                                     batches)
+        return runs[key]
+    served = {name: run(name) for name in dict.fromkeys([*methods, "none"]) if name != "select"}
+    if "select" in methods:
+        candidates = {name: run(name, supervision) for name, supervision in Select.CANDIDATES.items()}
+        served["select"] = Select(cfg).serve(candidates, [y for _, y in batches])
+    return served
+
+
+def bench_rows(scenario: str, methods: Iterable[str], trained: Trained, cfg: MeasurementConfig, ceiling: Ceiling,
+               detection: dict = None) -> list[BenchRow]:
+    """Each method's row on the scenario's stream, every prediction scored before the method adapted on
+    it. detection: the detectors' delays and false alarms on this stream (detection_delays, false_alarms)."""
+    batches = list(scenario_batches(scenario, cfg, trained))
+    served, y = stream_runs(batches, methods, trained, cfg), np.concatenate([y for _, y in batches])
+
+    def cost(run: Served) -> float:
+        flagged = np.concatenate([p > threshold for p, threshold in zip(run.proba, run.thresholds)])
+        return cost_per_1000(classify(y, flagged), cfg)
+    none_cost, normal_share, gap = cost(served["none"]), 1 - float(y.mean()), cost(served["none"]) - ceiling.cost
+    rows = []
+    for method in methods:
+        p = np.concatenate(served[method].proba)
+        at_half, method_cost = metrics_at(y, p), cost(served[method])
+        rows.append(BenchRow(
+            scenario, method, cfg.seed, at_half.accuracy, at_half.f1, roc_auc(y, p), method_cost, none_cost,
+            (at_half.accuracy - normal_share) / (1 - normal_share) if normal_share < 1 else math.nan,
+            (none_cost - method_cost) / gap if gap > MIN_GAP * none_cost else math.nan,
+            1000 * served[method].adaptations / cfg.n_batches, ceiling.accuracy, ceiling.roc_auc, ceiling.cost,
+            **(detection or {})))
+    return rows
 
 
 @dataclass(frozen=True)
 class BenchCell:
+    """One seed's stream of one scenario, served by every method: the unit a shard runs and a merge collects."""
     index: int
     seed: int
     scenario: str
-    method: str
 
     @property
     def name(self) -> str:
-        return f"cell-{self.index:04d}-{self.scenario}-{self.method}-seed{self.seed}"
+        return f"cell-{self.index:04d}-{self.scenario}-seed{self.seed}"
 
 
 def bench_config(cfg: MeasurementConfig) -> MeasurementConfig:
@@ -2453,8 +2481,8 @@ def bench_config(cfg: MeasurementConfig) -> MeasurementConfig:
 
 
 def bench_cells(first_seed: int, n_seeds: int) -> list[BenchCell]:
-    """Every seed x scenario x method, numbered: the unit a shard runs and a merge collects."""
-    combos = [(first_seed + k, s, m) for k in range(n_seeds) for s in SCENARIOS for m in HEAL_METHODS]
+    """Every seed x scenario, numbered."""
+    combos = [(first_seed + k, s) for k in range(n_seeds) for s in SCENARIOS]
     return [BenchCell(i, *combo) for i, combo in enumerate(combos)]
 
 
@@ -2465,26 +2493,25 @@ def shard_cells(cells: list[BenchCell], k: int, n: int) -> list[BenchCell]:
 
 
 def run_bench_cells(cfg: MeasurementConfig, cells: list[BenchCell],
-                    done: Callable[[BenchCell, BenchRow], None] = None) -> list[BenchRow]:
+                    done: Callable[[BenchCell, list], None] = None) -> list[BenchRow]:
     """Run cells, training the models once per seed and computing each scenario's ceiling once;
-    done(cell, row), when given, is told of each cell as soon as it is finished."""
+    done(cell, rows), when given, is told of each cell as soon as it is finished."""
     cfg = bench_config(cfg)
-    rows, trained, ceilings, detection = [], {}, {}, {}
+    rows, trained, ceilings = [], {}, {}
     for cell in cells:
         seed_cfg = dataclasses.replace(cfg, seed=cell.seed)
         if cell.seed not in trained:
             trained.clear()  # cells come seed by seed: an earlier seed's data and models are not needed again
-            detection.clear()
             trained[cell.seed] = train_models(seed_cfg)
-            detection["false_alarms"] = false_alarms(seed_cfg, trained[cell.seed])
+            alarms = false_alarms(seed_cfg, trained[cell.seed])
         if cell.scenario not in ceilings:
             ceilings[cell.scenario] = scenario_ceiling(cell.scenario, cfg)
-        if cell.scenario not in detection:
-            detection[cell.scenario] = detection_delays(cell.scenario, seed_cfg, trained[cell.seed])
-        rows.append(bench_cell(cell.scenario, cell.method, trained[cell.seed], seed_cfg, ceilings[cell.scenario],
-                               detection_figures(detection[cell.scenario], detection["false_alarms"])))
+        detection = detection_figures(detection_delays(cell.scenario, seed_cfg, trained[cell.seed]), alarms)
+        cell_rows = bench_rows(cell.scenario, HEAL_METHODS, trained[cell.seed], seed_cfg, ceilings[cell.scenario],
+                               detection)
+        rows += cell_rows
         if done:
-            done(cell, rows[-1])
+            done(cell, cell_rows)
     return rows
 
 
@@ -3572,7 +3599,7 @@ def bench_report(rows: list[BenchRow], cfg: MeasurementConfig) -> list[str]:
                           f"{rows_only.cost:,.0f}", "-", "-", "-"])
     header = ["scenario / method"] + [title for title, _, _ in BENCH_COLUMNS]
     seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}..{seeds[-1]}"
-    return ["", f"Scenario bench: {len(rows)} cells, {seed_text}, {cfg.n_batches} batches of "
+    return ["", f"Scenario bench: {len(rows)} rows, {seed_text}, {cfg.n_batches} batches of "
                 f"{cfg.batch_size} rows; prequential (each batch predicted before any adaptation on it);",
             "mean +- half the 95% bootstrap interval over the seeds. Accuracy, F1 and kappa (against always "
             "answering normal) at 0.5;",
@@ -4243,13 +4270,13 @@ def write_images_csv(rows: list[ImageRow], directory: Path) -> Path:
     return write_csv(directory / "images.csv", [f.name for f in dataclasses.fields(ImageRow)],
                      [dataclasses.asdict(r) for r in rows])
 
-def write_cell(directory: Path, cell: BenchCell, row: BenchRow, cfg: MeasurementConfig) -> None:
+def write_cell(directory: Path, cell: BenchCell, rows: list[BenchRow], cfg: MeasurementConfig) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    entry = {"cell": cell.index, "config": bench_fingerprint(cfg), "row": dataclasses.asdict(row)}
+    entry = {"cell": cell.index, "config": bench_fingerprint(cfg), "rows": [dataclasses.asdict(r) for r in rows]}
     write_atomic(directory / f"{cell.name}.json", json.dumps(_json_safe(entry), allow_nan=False) + "\n")
 
 def read_cells(directory: Path, cells: list[BenchCell], cfg: MeasurementConfig) -> list[BenchRow]:
-    """Every cell's row, from the shards' files; ConfigError names what is missing or foreign."""
+    """Every cell's rows, from the shards' files; ConfigError names what is missing or foreign."""
     missing = [c.name for c in cells if not (directory / f"{c.name}.json").is_file()]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -4264,11 +4291,12 @@ def read_cells(directory: Path, cells: list[BenchCell], cfg: MeasurementConfig) 
         path = directory / f"{c.name}.json"
         entry = read_json_file(path, "--merge: bench cell")
         try:
-            row = BenchRow(**{k: math.nan if v is None else v for k, v in entry["row"].items()})
-            same_cell = (entry["cell"] == c.index
-                         and (row.scenario, row.method, row.seed) == (c.scenario, c.method, c.seed))
+            cell_rows = [BenchRow(**{k: math.nan if v is None else v for k, v in row.items()})
+                         for row in entry["rows"]]
+            same_cell = (entry["cell"] == c.index and [(r.scenario, r.method, r.seed) for r in cell_rows]
+                         == [(c.scenario, method, c.seed) for method in HEAL_METHODS])
             same_flags = entry["config"] == fingerprint
-            numbers = [getattr(row, f.name) for f in dataclasses.fields(BenchRow) if f.type == "float"]
+            numbers = [getattr(r, f.name) for r in cell_rows for f in dataclasses.fields(BenchRow) if f.type == "float"]
             if not all(type(v) in (int, float) for v in numbers):
                 raise TypeError
         except (ValueError, KeyError, TypeError, AttributeError):
@@ -4277,9 +4305,9 @@ def read_cells(directory: Path, cells: list[BenchCell], cfg: MeasurementConfig) 
             raise ConfigError(f"--merge: {path} holds another cell than its name says")
         if not same_flags:
             raise ConfigError(f"--merge: {path} was made by a bench with other flags")
-        if not possible(row):
+        if not all(map(possible, cell_rows)):
             raise ConfigError(f"--merge: {path} holds figures no bench can produce")
-        rows.append(row)
+        rows += cell_rows
     return rows
 
 def foreign_cells(directory: Path, cells: list[BenchCell], cfg: MeasurementConfig) -> list[Path]:
@@ -4476,7 +4504,7 @@ def image_cell_job(job: tuple) -> list:
 
 
 def _run_cells(job: tuple) -> list:
-    return run_bench_cells(*job, done=lambda cell, row: told_done())
+    return run_bench_cells(*job, done=lambda cell, rows: told_done())
 
 
 def run_bench_in_processes(cfg: MeasurementConfig, cells: list[BenchCell], workers: int) -> list[BenchRow]:
@@ -4815,7 +4843,7 @@ def run_scenario(cfg: Config, console: Callable[[str], None]) -> int:
     ceiling = scenario_ceiling(cfg.scenario, cfg)
     methods = dict.fromkeys([cfg.heal_method, "none"])  # the method, then no adaptation beside it
     detection = detection_figures(detection_delays(cfg.scenario, cfg, trained), false_alarms(cfg, trained))
-    rows = [bench_cell(cfg.scenario, method, trained, cfg, ceiling, detection) for method in methods]
+    rows = bench_rows(cfg.scenario, methods, trained, cfg, ceiling, detection)
     for line in bench_report(rows, cfg):
         console(line)
     console("(A run of one scenario and method writes no files; --bench writes the whole comparison.)")
@@ -4838,8 +4866,8 @@ def run_bench(cfg: Config, out: Path, console: Callable[[str], None], merged: li
                 f"writing the rest to {cell_dir}")
         progress, written = Progress(f"shard {k}/{n}", len(todo), "cells"), []
 
-        def done(cell, row):
-            write_cell(cell_dir, cell, row, cfg)
+        def done(cell, rows):
+            write_cell(cell_dir, cell, rows, cfg)
             written.append(cell)
             progress(len(written))
         run_bench_cells(cfg, todo, done=done)
@@ -4849,8 +4877,8 @@ def run_bench(cfg: Config, out: Path, console: Callable[[str], None], merged: li
         rows = merged
     else:
         workers = min(cfg.seeds, os.cpu_count() or 1)
-        console(f"Running {len(cells)} cells ({len(SCENARIOS)} scenarios x {len(HEAL_METHODS)} methods x "
-                f"{cfg.seeds} seeds) in {workers} processes.")
+        console(f"Running {len(cells)} cells ({len(SCENARIOS)} scenarios x {cfg.seeds} seeds, each stream served by "
+                f"{len(HEAL_METHODS)} methods) in {workers} processes.")
         rows = run_bench_in_processes(cfg, cells, workers)
     report_and_write(bench_report(rows, cfg), lambda folder: write_bench_csv(rows, folder),
                      lambda plt: plot_bench(plt, rows), "bench.png", cfg, console)

@@ -71,22 +71,16 @@ class Spy:
 
 
 def _predictions(monkeypatch, scenario, method, trained, cfg, scramble=False):
-    """What the method served on each batch, every method it runs (select's candidates too) spied on;
-    with scramble, every label of the stream is flipped."""
-    log, candidates = [], []
-    real_make, real_batches = shp.make_method, shp.scenario_batches
-
-    def spied(*args):
-        outer = not candidates
-        candidates.append(args[0])
-        return Spy(real_make(*args), log if outer else [])
-    monkeypatch.setattr(shp, "make_method", spied)
+    """What the method served on each batch, every method run for it (select's candidates too) spied on;
+    with scramble (True, or the batches' numbers), those labels of the stream are flipped."""
+    real_make = shp.make_method
+    monkeypatch.setattr(shp, "make_method", lambda *args: Spy(real_make(*args), []))
     scrambled = set(range(1, cfg.n_batches + 1)) if scramble is True else set(scramble or ())
-    monkeypatch.setattr(shp, "scenario_batches", lambda *a: ((X, 1 - y if t in scrambled else y)
-                                                             for t, (X, y) in enumerate(real_batches(*a), start=1)))
-    shp.bench_cell(scenario, method, trained, cfg, shp.scenario_ceiling(scenario, cfg))
+    batches = [(X, 1 - y if t in scrambled else y)
+               for t, (X, y) in enumerate(shp.scenario_batches(scenario, cfg, trained), start=1)]
+    served = shp.stream_runs(batches, [method], trained, cfg)[method]
     monkeypatch.undo()
-    return [out for kind, _, out in log if kind == "predict"]
+    return served.proba
 
 
 @pytest.mark.parametrize("method", shp.HEAL_METHODS)
@@ -121,8 +115,8 @@ def test_restandardize_undoes_a_sensor_offset(default_trained):
     cfg = shp.bench_config(shp.Config())
     clean = shp.metrics_at(default_trained.data.test.y,
                            shp.predict_proba(default_trained.model, default_trained.data.test.X)).accuracy
-    row = shp.bench_cell("offset", "restandardize", default_trained, cfg, shp.scenario_ceiling("offset", cfg))
-    none = shp.bench_cell("offset", "none", default_trained, cfg, shp.scenario_ceiling("offset", cfg))
+    row, none = shp.bench_rows("offset", ["restandardize", "none"], default_trained, cfg,
+                               shp.scenario_ceiling("offset", cfg))
     assert abs(row.accuracy - clean) < 0.02, (row.accuracy, clean)
     assert none.accuracy < clean - 0.3, "the offset does hurt the unadapted model"
 
@@ -187,10 +181,10 @@ def test_merge_refuses_cells_made_with_other_flags(tmp_path, capsys):
     assert not (tmp_path / "monitoring_export").exists()
 
 
-def test_bench_cells_are_numbered_seed_scenario_method():
+def test_bench_cells_are_numbered_seed_then_scenario():
     cells = shp.bench_cells(42, 2)
-    assert [c.index for c in cells] == list(range(2 * len(shp.SCENARIOS) * len(shp.HEAL_METHODS)))
-    assert (cells[0].seed, cells[0].scenario, cells[0].method) == (42, "article", "none")
+    assert [c.index for c in cells] == list(range(2 * len(shp.SCENARIOS)))
+    assert [(c.seed, c.scenario) for c in cells[:2]] == [(42, "article"), (42, "stationary")]
     assert cells[-1].seed == 43 and len({c.name for c in cells}) == len(cells)
 
 
@@ -205,7 +199,7 @@ def test_merge_refuses_a_corrupt_cell_file_in_one_line(damage, tmp_path, capsys)
         victim.write_text(victim.read_text()[:40])
     elif damage == "wrong types":
         entry = json.loads(victim.read_text())
-        entry["row"]["accuracy"] = "high"
+        entry["rows"][3]["accuracy"] = "high"
         victim.write_text(json.dumps(entry))
     else:
         victim.write_text(cells[6].read_text())  # another cell's content under this cell's name
@@ -245,7 +239,7 @@ def test_three_shards_at_once_into_one_out_merge_to_the_unsharded_csv(tmp_path):
     def start(*extra):
         return subprocess.Popen([sys.executable, str(SCRIPT), *_bench_args(tmp_path / "shared", *extra)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    n_cells = 2 * len(shp.SCENARIOS) * len(shp.HEAL_METHODS)
+    n_cells = 2 * len(shp.SCENARIOS)
     shards = [start("--shard", f"{k}/3") for k in range(3)]
     cells = tmp_path / "shared" / "bench_cells"
     deadline = time.monotonic() + 120
@@ -266,7 +260,7 @@ def test_three_shards_at_once_into_one_out_merge_to_the_unsharded_csv(tmp_path):
             shard.send_signal(signal.SIGCONT)
     assert shards[1].wait(timeout=60) == -signal.SIGKILL
     written_before = len(_cells_of(cells, 1, n_cells, 3))
-    assert 3 <= written_before < n_cells // 3, "killed midway"
+    assert 3 <= written_before < len(shp.shard_cells(shp.bench_cells(42, 2), 1, 3)), "killed midway"
     for k in (0, 2):
         assert shards[k].wait(timeout=120) == 0, shards[k].stderr.read()
     resumed = start("--shard", "1/3")
@@ -282,7 +276,7 @@ def test_three_shards_at_once_into_one_out_merge_to_the_unsharded_csv(tmp_path):
 def test_a_bench_tells_its_progress_on_standard_error_only(tmp_path, capsys):
     assert shp.main(_bench_args(tmp_path, "--seeds", "1")) == 0
     captured = capsys.readouterr()
-    n = len(shp.SCENARIOS) * len(shp.HEAL_METHODS)
+    n = len(shp.SCENARIOS)
     lines = captured.err.splitlines()
     assert lines[0].startswith(f"progress: bench 1 of {n} cells,") and lines[-1].startswith(f"progress: bench {n} of {n}")
     assert all(line.startswith("progress: bench ") for line in lines)
@@ -319,14 +313,13 @@ def test_select_changes_champion_only_on_evidence(small_trained):
     """On a stationary stream it keeps serving the calibrated model; when one candidate is far cheaper
     batch after batch, it takes over once select_window's test allows."""
     cfg = shp.bench_config(shp.Config(**{**SMALL, "n_batches": 12}, label_delay=1, select_window=10, select_z=2.0))
-    select = shp.Select(small_trained, cfg)
+    select = shp.Select(cfg)
     select.costs = {name: __import__("collections").deque([100.0, 101.0, 99.0], maxlen=10) for name in select.costs}
     assert select.best_challenger() is None, "no evidence: the champion stays"
     select.costs["retrain"] = __import__("collections").deque([10.0, 12.0, 11.0], maxlen=10)
     assert select.best_challenger() == "retrain"
     select.costs["retrain"] = __import__("collections").deque([10.0, 190.0, 11.0], maxlen=10)
     assert select.best_challenger() is None, "one cheap batch in three is noise"
-    select.close()
 
 
 def test_calibration_recovers_a_known_temperature_and_bias():
@@ -340,7 +333,7 @@ def test_calibration_recovers_a_known_temperature_and_bias():
 def test_calibrated_serving_costs_less_than_the_raw_model_where_nothing_drifts(default_trained):
     cfg = shp.bench_config(shp.Config())
     ceiling = shp.scenario_ceiling("stationary", cfg)
-    none, calibrated = (shp.bench_cell("stationary", m, default_trained, cfg, ceiling) for m in ("none", "calibrated"))
+    none, calibrated = shp.bench_rows("stationary", ["none", "calibrated"], default_trained, cfg, ceiling)
     assert calibrated.cost < none.cost and calibrated.adaptations_per_1000 == 0
 
 
@@ -364,10 +357,18 @@ def test_row_only_ceiling_matches_monte_carlo_of_the_pooled_law(scenario):
     assert shp.row_only_ceiling(single, cfg).cost == pytest.approx(shp.bayes_ceiling(single, cfg).cost, rel=1e-6)
 
 
-def test_select_runs_the_candidates_it_names(small_trained):
-    """Select's challengers are the methods it names, each a bench method, none of them select itself."""
+def test_select_reads_the_runs_of_the_candidates_it_names_and_nothing_runs_twice(small_trained, monkeypatch):
+    """Select's challengers are the methods it names, each a bench method, none of them select itself.
+    A cell runs each method once on its stream, and select's heal once more, with late labels."""
     assert set(shp.Select.CANDIDATES) <= set(shp.HEAL_METHODS) - {"select"}
     assert "calibrated" in shp.Select.CANDIDATES, "its first champion"
-    select = shp.Select(small_trained, shp.bench_config(shp.Config(**SMALL)))
-    assert list(select.candidates) == list(shp.Select.CANDIDATES)
-    select.close()
+    cfg = shp.bench_config(shp.Config(**SMALL))
+    real_make, made = shp.make_method, []
+    monkeypatch.setattr(shp, "make_method", lambda name, trained, c: made.append((name, c)) or real_make(name, trained, c))
+    batches = list(shp.scenario_batches("offset", cfg, small_trained))
+    runs = shp.stream_runs(batches, shp.HEAL_METHODS, small_trained, cfg)
+    assert list(runs) == list(shp.HEAL_METHODS)
+    assert sorted(name for name, _ in made) == sorted([*set(shp.HEAL_METHODS) - {"select"}, "heal"])
+    assert len({(name, c) for name, c in made}) == len(made), "no method runs twice with the same settings"
+    assert {c.supervision for name, c in made if name == "heal"} == {"labels", "delayed"}
+    assert runs["select"].proba[0] is runs["calibrated"].proba[0], "it serves its first champion's own answers"

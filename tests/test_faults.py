@@ -337,11 +337,11 @@ def test_2_a_bench_on_a_full_disk_names_its_file_and_leaves_no_temporary(flags, 
 def test_2_a_folder_in_the_way_of_a_cell_file_is_named_and_leaves_no_temporary(tmp_path, monkeypatch, capsys):
     """A folder where a cell file goes: exit 1, one line naming the cell file (not its temporary), no temporary."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "o" / "bench_cells" / "cell-0000-article-none-seed42.json").mkdir(parents=True)
+    (tmp_path / "o" / "bench_cells" / "cell-0000-article-seed42.json").mkdir(parents=True)
     code, _, err = _main(TINY + ["--bench", "--shard", "0/1", "--seeds", "1", "--out", "o"], capsys)
     line = _one_error_line(err)
     assert code == 1
-    assert "cell-0000-article-none-seed42.json" in line and ".tmp" not in line, line
+    assert "cell-0000-article-seed42.json" in line and ".tmp" not in line, line
     assert _temporaries(tmp_path) == []
 
 
