@@ -1797,6 +1797,7 @@ def scenario_row_only_ceiling(name: str, cfg: MeasurementConfig) -> Ceiling:
     return row_only_ceiling([scenario_law(name, t, cfg) for t in range(1, cfg.n_batches + 1)], cfg)
 
 
+@functools.lru_cache(maxsize=16)  # a bench asks for each scenario's once per seed
 def scenario_ceiling(name: str, cfg: MeasurementConfig) -> Ceiling:
     return bayes_ceiling([scenario_law(name, t, cfg) for t in range(1, cfg.n_batches + 1)], cfg)
 
@@ -2492,26 +2493,32 @@ def shard_cells(cells: list[BenchCell], k: int, n: int) -> list[BenchCell]:
     return cells[k * len(cells) // n:(k + 1) * len(cells) // n]
 
 
+def bench_seed(cfg: MeasurementConfig, seed: int) -> tuple[Trained, dict]:
+    """What every cell of a seed starts from: its trained models, and its detectors' false alarms."""
+    seed_cfg = dataclasses.replace(bench_config(cfg), seed=seed)
+    trained = train_models(seed_cfg)
+    return trained, false_alarms(seed_cfg, trained)
+
+
+def bench_cell(cfg: MeasurementConfig, seed_work: tuple[Trained, dict], cell: BenchCell) -> list[BenchRow]:
+    """Every method's row on the cell's stream (seed_work: bench_seed's for the cell's seed)."""
+    trained, alarms = seed_work
+    seed_cfg = dataclasses.replace(bench_config(cfg), seed=cell.seed)
+    detection = detection_figures(detection_delays(cell.scenario, seed_cfg, trained), alarms)
+    return bench_rows(cell.scenario, HEAL_METHODS, trained, seed_cfg, scenario_ceiling(cell.scenario, cfg), detection)
+
+
 def run_bench_cells(cfg: MeasurementConfig, cells: list[BenchCell],
                     done: Callable[[BenchCell, list], None] = None) -> list[BenchRow]:
-    """Run cells, training the models once per seed and computing each scenario's ceiling once;
-    done(cell, rows), when given, is told of each cell as soon as it is finished."""
-    cfg = bench_config(cfg)
-    rows, trained, ceilings = [], {}, {}
+    """Run cells in turn, each seed's models trained once; done(cell, rows), when given, is told of each
+    cell as soon as it is finished."""
+    rows, seed_work = [], {}
     for cell in cells:
-        seed_cfg = dataclasses.replace(cfg, seed=cell.seed)
-        if cell.seed not in trained:
-            trained.clear()  # cells come seed by seed: an earlier seed's data and models are not needed again
-            trained[cell.seed] = train_models(seed_cfg)
-            alarms = false_alarms(seed_cfg, trained[cell.seed])
-        if cell.scenario not in ceilings:
-            ceilings[cell.scenario] = scenario_ceiling(cell.scenario, cfg)
-        detection = detection_figures(detection_delays(cell.scenario, seed_cfg, trained[cell.seed]), alarms)
-        cell_rows = bench_rows(cell.scenario, HEAL_METHODS, trained[cell.seed], seed_cfg, ceilings[cell.scenario],
-                               detection)
-        rows += cell_rows
+        if cell.seed not in seed_work:
+            seed_work = {cell.seed: bench_seed(cfg, cell.seed)}  # cells come seed by seed
+        rows += bench_cell(cfg, seed_work[cell.seed], cell)
         if done:
-            done(cell, cell_rows)
+            done(cell, rows[-len(HEAL_METHODS):])
     return rows
 
 
@@ -4503,16 +4510,27 @@ def image_cell_job(job: tuple) -> list:
     return rows
 
 
-def _run_cells(job: tuple) -> list:
-    return run_bench_cells(*job, done=lambda cell, rows: told_done())
+def bench_seed_job(job: tuple) -> tuple:
+    seed_work = bench_seed(*job)
+    told_done()
+    return job[1], seed_work
+
+
+def bench_cell_job(job: tuple) -> list:
+    rows = bench_cell(*job)
+    told_done()
+    return rows
 
 
 def run_bench_in_processes(cfg: MeasurementConfig, cells: list[BenchCell], workers: int) -> list[BenchRow]:
-    """The bench's cells, one process per seed at a time (each trains its seed's models once)."""
+    """The bench's cells over `workers` processes: each seed's models are trained once, and its cells
+    start as soon as they are."""
     seeds = sorted({c.seed for c in cells})
-    jobs = [(cfg, [c for c in cells if c.seed == s]) for s in seeds]
-    per_seed = map_in_processes(_run_cells, jobs, workers, Progress("bench", len(cells), "cells"))
-    return sorted((row for rows in per_seed for row in rows),
+    done = map_in_processes(bench_seed_job, [(cfg, seed) for seed in seeds], workers,
+                            Progress("bench", len(seeds) + len(cells), "trainings and cells"),
+                            then=lambda done_seed: [(bench_cell_job, (cfg, done_seed[1], cell))
+                                                    for cell in cells if cell.seed == done_seed[0]])
+    return sorted((row for rows in done[len(seeds):] for row in rows),
                   key=lambda r: (r.seed, SCENARIOS.index(r.scenario), list(HEAL_METHODS).index(r.method)))
 
 

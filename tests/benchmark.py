@@ -169,8 +169,9 @@ def _tree_rss_mib(root: int) -> float:
     return sum(rss.get(pid, 0) for pid in tree) / 2 ** 20
 
 
-def timed_run(name: str, flags: list) -> None:
-    """A run of the script with plots off, timed, its memory sampled every 20 ms across all its processes."""
+def timed_run(name: str, flags: list, quiet: bool = False) -> float:
+    """A run of the script with plots off, timed, its memory sampled every 20 ms across all its processes;
+    its wall time in seconds."""
     with tempfile.TemporaryDirectory() as out:
         args = [sys.executable, str(SCRIPT), *flags, "--no-plots", "--out", out]
         start = time.perf_counter()
@@ -183,9 +184,19 @@ def timed_run(name: str, flags: list) -> None:
         output = proc.stdout.read()
         if proc.returncode:
             raise SystemExit(f"{' '.join(flags)} failed with exit status {proc.returncode}")
-    print(output.splitlines()[0])
-    print(f"{name} ({' '.join(flags[1:])}), plots off, {os.cpu_count()} cores: "
-          f"{seconds:.1f} s wall, peak memory of all its processes together {peak:.0f} MiB")
+    if not quiet:
+        print(output.splitlines()[0])
+        print(f"{name} ({' '.join(flags[1:])}), plots off, {os.cpu_count()} cores: "
+              f"{seconds:.1f} s wall, peak memory of all its processes together {peak:.0f} MiB")
+    return seconds
+
+
+def bench_against_default_run(n_batches: int, repeats: int = 3) -> None:
+    """The bench's wall time beside the default run's (both with plots off), measured one after the other."""
+    default = statistics.median(timed_run("default run", [], quiet=True) for _ in range(repeats))
+    bench = timed_run("scenario bench", ["--bench", "--n-batches", str(n_batches)])
+    print(f"default run, plots off (median of {repeats}): {default:.1f} s wall; "
+          f"the bench takes {bench / default:.1f} times that")
 
 
 def resnet_speed(widths=(8, 16, 64), batch: int = 128, threads=(1, 2)) -> None:
@@ -257,7 +268,7 @@ def main():
     if args.startup:
         return startup(args.repeats)
     if args.bench:
-        return timed_run("scenario bench", ["--bench", "--n-batches", str(args.bench_batches)])
+        return bench_against_default_run(args.bench_batches)
     if args.images:
         resnet_speed()
         return timed_run("images", ["--images", *args.images_flags.split()])

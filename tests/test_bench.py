@@ -276,9 +276,10 @@ def test_three_shards_at_once_into_one_out_merge_to_the_unsharded_csv(tmp_path):
 def test_a_bench_tells_its_progress_on_standard_error_only(tmp_path, capsys):
     assert shp.main(_bench_args(tmp_path, "--seeds", "1")) == 0
     captured = capsys.readouterr()
-    n = len(shp.SCENARIOS)
+    n = 1 + len(shp.SCENARIOS)  # the seed's training, then its cells
     lines = captured.err.splitlines()
-    assert lines[0].startswith(f"progress: bench 1 of {n} cells,") and lines[-1].startswith(f"progress: bench {n} of {n}")
+    assert lines[0].startswith(f"progress: bench 1 of {n} trainings and cells,")
+    assert lines[-1].startswith(f"progress: bench {n} of {n}")
     assert all(line.startswith("progress: bench ") for line in lines)
     assert "progress" not in captured.out and "Scenario bench:" in captured.out
 
