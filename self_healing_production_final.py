@@ -45,7 +45,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 import concurrent.futures
-from concurrent.futures import Future, ProcessPoolExecutor, TimeoutError as FuturesTimeoutError
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
@@ -75,7 +75,8 @@ import torch.nn.functional as F  # noqa: E402
 def knob(default, help_text: str, rule=None, threshold: bool = False, role: str = "experiment", choices=None):
     """A configuration field that is also a command-line flag (Part VI makes the flag). rule: the values it
     accepts, as an interval ("[1, 1000]", "(0, 1]"); threshold: threshold_config.json holds it; role:
-    "experiment" (it can change the article's figures), "cost" (it prices them) or "run" (it changes no number)."""
+    "experiment" (it can change the article's figures), "cost" (it prices them), "timing" (it changes them
+    only when a heal runs out of time) or "run" (it changes no number)."""
     return field(default=default, metadata=dict(help=help_text, rule=rule, threshold=threshold, role=role,
                                                  choices=choices))
 
@@ -1051,9 +1052,9 @@ class EngineConfig(ArticleConfig):
     """The heal engine: where heals run, how long one may take, whether the stream waits for them."""
     heal_worker: str = knob("inline", "where heals run: inline (in the serving thread, as the article; no "
                             "timeout), thread (starts at once) or process (no interpreter lock shared with "
-                            "inference; about 2 s to start)", choices=HEAL_WORKERS, role="run")
+                            "inference; about 2 s to start)", choices=HEAL_WORKERS, role="timing")
     heal_timeout: float = knob(30.0, "seconds to wait for one heal before rejecting it (thread or process worker)",
-                               "(0, 86400]", role="run")
+                               "(0, 86400]", role="timing")
     async_apply: bool = knob(False, "do not wait for a heal: serve on and apply it at the first batch boundary "
                              "after it finishes (thread or process worker; timing-dependent, so not reproducible)")
 
@@ -1085,6 +1086,21 @@ def from_arrays(arrays: dict) -> dict:
     return {k: torch.from_numpy(v) for k, v in arrays.items()}
 
 
+def running_wait(ready: Callable[[float], bool], timeout: float) -> bool:
+    """Wait until ready(seconds), which waits up to that long for something, says it came, for at most
+    `timeout` seconds of this process's running time: a wait that overran its slice by a second or more
+    means the process was stopped (Ctrl-Z, SIGSTOP, a Slurm suspend), and that time does not count, so
+    a suspended run rejects no heal it would have waited for."""
+    left = timeout
+    while left > 0:
+        asked, start = min(0.25, left), time.monotonic()
+        if ready(asked):
+            return True
+        took = time.monotonic() - start
+        left -= asked if took > asked + 1.0 else took
+    return False
+
+
 class ThreadHeals:
     """Heals in a daemon thread of this process. Starts at once; but the thread shares the
     interpreter lock with inference, which slows predictions (never stops them: no lock of
@@ -1111,13 +1127,13 @@ class ThreadHeals:
         return self.future is not None and not self.future.done()
 
     def result(self, timeout: float) -> HealResult:
-        """The finished heal, or HealRejected; never waits longer than timeout."""
+        """The finished heal, or HealRejected after timeout seconds of running time (running_wait)."""
         future, self.future = self.future, None
-        try:
-            return future.result(timeout=timeout)
-        except FuturesTimeoutError:
+        if not running_wait(lambda seconds: bool(concurrent.futures.wait([future], seconds).done), timeout):
             self.abandon()
-            raise HealRejected(f"heal did not finish within {timeout:g} s") from None
+            raise HealRejected(f"heal did not finish within {timeout:g} s")
+        try:
+            return future.result()
         except HealRejected:
             raise
         except Exception as e:
@@ -1209,7 +1225,7 @@ class ProcessHeals:
             raise HealRejected(reason)
         self.pending = False
         try:
-            if not self.conn.poll(timeout):
+            if not running_wait(self.conn.poll, timeout):
                 self.abandon()
                 raise HealRejected(f"heal did not finish within {timeout:g} s")
             status, payload = self.conn.recv()
@@ -4011,10 +4027,15 @@ TEMPORARY_NAME = re.compile(r"\..+\.(\d+)\.[a-z0-9_]{8}\.tmp")  # atomic_file's:
 
 def take_lock(path: Path, shared: bool = False, wait: bool = False, create: bool = True) -> int:
     """A lock on path (created if need be), held until its descriptor is closed; the kernel drops it
-    when the process dies, however it dies. The file is opened for writing: where flock is emulated
-    by fcntl locks (NFS), an exclusive lock needs that. BlockingIOError when it is held elsewhere."""
+    when the process dies, however it dies. The file is opened for writing where it may be (where flock
+    is emulated by fcntl locks, on NFS, an exclusive lock needs that), else for reading: a lock file
+    that another user's run left must not shut out a user who may write the outputs. BlockingIOError
+    when it is held elsewhere."""
     import fcntl
-    fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)
+    try:
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)
+    except PermissionError:
+        fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
     except BaseException:
@@ -4133,6 +4154,21 @@ class Progress:
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
         f"{seconds / 3600:.1f} h"
+
+def open_closed_standard_streams() -> None:
+    """A run started with standard input, output or error closed (`>&-`) still runs and writes its files:
+    the closed descriptor is pointed at /dev/null, so that no file or pipe opened later takes its number,
+    and so is Python's stream, which is None then."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDONLY if mode == "r" else os.O_WRONLY)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False))
 
 class Console:
     """Standard output that cannot stop the run: after the first failed write (a reader that went
@@ -4607,13 +4643,15 @@ def memory_estimate(cfg: Config) -> tuple[float, int]:
     """Bytes one process will hold for the run's data and models at its peak, beyond PROCESS_BASE, and
     how many processes hold that, from constants measured here: drawing the data holds about 250 bytes
     per row (float64 draws, then float32); the network is copied about 16 times (two models,
-    optimizers, heal copies) plus its snapshots."""
+    optimizers, heal copies) plus its snapshots; a batch's activations and their gradients are about
+    24 float32 per row and hidden unit."""
     if cfg.images:
         return image_memory_estimate(cfg)
     h = cfg.hidden_dim
     parameters = 3 * h * h + 16 * h
     rows = cfg.n_train + cfg.n_test + 2 * cfg.n_drift + 4 * cfg.batch_size
-    per_process = 250 * rows + 4 * parameters * (16 + cfg.keep_best + cfg.keep_last)
+    activations = 4 * 24 * cfg.batch_size * (h + N_FEATURES)
+    per_process = 250 * rows + 4 * parameters * (16 + cfg.keep_best + cfg.keep_last) + activations
     return float(per_process), 1 + (min(cfg.seeds, os.cpu_count() or 1) if cfg.bench or cfg.seeds > 1 else 0)
 
 
@@ -4681,7 +4719,7 @@ def validate(cfg: Config) -> Config:
     needed, (free, room) = (PROCESS_BASE + per_process) * processes, memory_limits()
     how = ("estimated: 300 MiB per process, 12 kB per image, 12 copies of the ResNet-18, 100 kB of activations per "
            "image and unit of width" if cfg.images else "estimated: 300 MiB per process, 250 bytes per data row, "
-           "16 + --keep-best + --keep-last copies of the network")
+           "16 + --keep-best + --keep-last copies of the network, 96 bytes per batch row and hidden unit")
     if free and needed > 0.8 * free:
         raise ConfigError(f"these sizes need about {needed / 2 ** 30:,.1f} GiB ({how}), more than 80% of the "
                           f"{free / 2 ** 30:,.1f} GiB this machine has free")
@@ -5129,6 +5167,7 @@ def main(argv: list[str] = None) -> int:
     """Exit status: 0 done (also when standard output was closed early, as by `| head`: the
     outputs are written all the same), 1 outputs or standard output could not be written, a worker
     died or memory ran out, 2 a user mistake, 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP."""
+    open_closed_standard_streams()
     for stream in (sys.stdout, sys.stderr):  # a path or value the terminal cannot encode is escaped, not fatal
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="backslashreplace")
@@ -5167,7 +5206,9 @@ def main(argv: list[str] = None) -> int:
     except concurrent.futures.process.BrokenProcessPool:
         error_line(f"a worker process died (killed, or out of memory?); {LEFT_AS_THEY_WERE}")
         return 1
-    except MemoryError:
+    except (MemoryError, RuntimeError) as e:  # torch's allocator raises a RuntimeError
+        if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e):
+            raise
         error_line(f"out of memory (smaller sizes, or fewer --seeds at once, need less); {LEFT_AS_THEY_WERE}")
         return 1
     except OSError as e:

@@ -169,10 +169,11 @@ def _tree_rss_mib(root: int) -> float:
     return sum(rss.get(pid, 0) for pid in tree) / 2 ** 20
 
 
-def timed_run(name: str, flags: list, quiet: bool = False) -> float:
+def timed_run(name: str, flags: list, quiet: bool = False, keep: str = None) -> float:
     """A run of the script with plots off, timed, its memory sampled every 20 ms across all its processes;
-    its wall time in seconds."""
-    with tempfile.TemporaryDirectory() as out:
+    its wall time in seconds. keep: an --out folder for its outputs (else a temporary one)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = keep or scratch
         args = [sys.executable, str(SCRIPT), *flags, "--no-plots", "--out", out]
         start = time.perf_counter()
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
@@ -191,10 +192,10 @@ def timed_run(name: str, flags: list, quiet: bool = False) -> float:
     return seconds
 
 
-def bench_against_default_run(n_batches: int, repeats: int = 3) -> None:
+def bench_against_default_run(n_batches: int, keep: str = None, repeats: int = 3) -> None:
     """The bench's wall time beside the default run's (both with plots off), measured one after the other."""
     default = statistics.median(timed_run("default run", [], quiet=True) for _ in range(repeats))
-    bench = timed_run("scenario bench", ["--bench", "--n-batches", str(n_batches)])
+    bench = timed_run("scenario bench", ["--bench", "--n-batches", str(n_batches)], keep=keep)
     print(f"default run, plots off (median of {repeats}): {default:.1f} s wall; "
           f"the bench takes {bench / default:.1f} times that")
 
@@ -257,6 +258,7 @@ def main():
     parser.add_argument("--startup", action="store_true", help="only the startup benchmark")
     parser.add_argument("--bench", action="store_true", help="only the scenario bench (5 seeds)")
     parser.add_argument("--bench-batches", type=int, default=25, help="stream batches of the bench's scenarios")
+    parser.add_argument("--keep", metavar="DIR", help="with --bench: the --out of the bench run, kept")
     parser.add_argument("--sweep", action="store_true", help="only a sweep of 10 seeds")
     parser.add_argument("--images", action="store_true", help="only the ResNet-18's speed and an --images run")
     parser.add_argument("--images-flags", default="", help="flags added to that --images run")
@@ -268,7 +270,7 @@ def main():
     if args.startup:
         return startup(args.repeats)
     if args.bench:
-        return bench_against_default_run(args.bench_batches)
+        return bench_against_default_run(args.bench_batches, args.keep)
     if args.images:
         resnet_speed()
         return timed_run("images", ["--images", *args.images_flags.split()])

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -305,3 +306,124 @@ def test_shards_starting_together_both_make_the_out_folder(tmp_path, monkeypatch
     finally:
         for fd in locks:
             os.close(fd)
+
+
+# Third round: no silent wrong result, no unstoppable run, no lock that shuts others out
+
+RUN_ONLY = {"keep_best", "keep_last", "images", "out", "no_plots", "quiet", "article_table", "seeds", "bench",
+            "shard", "merge", "export_torchserve"}  # reviewed: none of them can change a number of a bench cell
+
+
+def test_every_flag_that_can_change_a_bench_cell_is_in_its_fingerprint():
+    """The fingerprint is every field but those that change no number: a new flag is in it unless it says so."""
+    fields = {f.name: f for f in shp.dataclasses.fields(shp.Config)}
+    assert {name for name, f in fields.items() if f.metadata["role"] == "run"} == RUN_ONLY
+    fingerprint = shp.bench_fingerprint(shp.Config())
+    assert set(fingerprint) == set(fields) - RUN_ONLY - {"scenario", "heal_method", "supervision", "async_apply"}
+    assert {"heal_timeout", "heal_worker"} <= set(fingerprint), "a heal that runs out of time changes a cell"
+
+
+def test_cells_made_with_another_heal_timeout_are_refused_at_merge_and_at_resume(tmp_path, capsys):
+    bench = TINY + ["--bench", "--seeds", "1", "--heal-worker", "thread", "--out", str(tmp_path)]
+    assert shp.main(bench + ["--shard", "0/2", "--heal-timeout", "0.000001"]) == 0
+    capsys.readouterr()
+    assert shp.main(bench + ["--shard", "0/2"]) == 2, "resumed with other flags"
+    assert "other flags" in _one_error_line(capsys.readouterr().err)
+    assert shp.main(bench + ["--shard", "1/2"]) == 0
+    capsys.readouterr()
+    assert shp.main(bench + ["--merge"]) == 2
+    assert "other flags" in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "monitoring_export" / "bench.csv").exists()
+
+
+def test_a_batch_too_large_for_memory_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert shp.main(TINY + ["--batch-size", "10000000", "--hidden-dim", "1024"]) == 2
+    assert "per batch row and hidden unit" in _one_error_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_torchs_allocator_failing_anywhere_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
+    def allocation_fails(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 40960000000 bytes. Error code 12 (Cannot allocate memory)")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(shp, "train_models", allocation_fails)
+    assert shp.main(TINY) == 1
+    assert "out of memory" in _one_error_line(capsys.readouterr().err)
+
+
+def test_time_a_run_spends_stopped_does_not_count_against_a_heal(monkeypatch):
+    """A wait that overran its slice by seconds (the process was stopped) does not use up the timeout;
+    one that did not, does."""
+    clock = [0.0]
+    monkeypatch.setattr(shp.time, "monotonic", lambda: clock[0])
+
+    def suspended_once(seconds):
+        clock[0] += 35.0 if clock[0] == 0.0 else seconds  # the first slice: stopped for 35 s
+        return clock[0] > 40.0
+    assert shp.running_wait(suspended_once, timeout=30.0), "35 s stopped, then ready 5 s of running later"
+
+    def never(seconds):
+        clock[0] += seconds
+        return False
+    clock[0] = 1.0
+    assert not shp.running_wait(never, timeout=30.0) and clock[0] == pytest.approx(31.0)
+
+
+@pytest.mark.slow
+def test_a_run_suspended_during_a_heal_gives_the_same_metrics(tmp_path):
+    """SIGSTOP for longer than --heal-timeout while heals run, then SIGCONT: metrics.csv as uninterrupted."""
+    args = TINY + ["--n-batches", "8", "--heal-worker", "thread", "--heal-timeout", "4", "--heal-steps", "600"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert _run(args, tmp_path / "a").returncode == 0
+    run = _start(args, tmp_path / "b")
+    _wait_for_stream(tmp_path / "b", run)
+    time.sleep(0.5)
+    run.send_signal(signal.SIGSTOP)
+    time.sleep(6)
+    run.send_signal(signal.SIGCONT)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err
+    metrics = [(tmp_path / d / "monitoring_export" / "metrics.csv").read_bytes() for d in ("a", "b")]
+    assert metrics[0] == metrics[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("closed, flags, written", [(1, [], "metrics.csv"), (2, ["--seeds", "2"], "seed_sweep.csv")],
+                         ids=["stdout", "stderr with seeds"])
+def test_a_closed_standard_stream_still_writes_the_files(closed, flags, written, tmp_path):
+    run = subprocess.run([sys.executable, str(SCRIPT), *TINY, *flags], cwd=tmp_path, timeout=120,
+                         preexec_fn=lambda: os.close(closed), stdout=subprocess.DEVNULL if closed == 2 else None,
+                         stderr=subprocess.DEVNULL if closed == 1 else None)
+    assert run.returncode == 0
+    assert (tmp_path / "monitoring_export" / written).is_file()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to act as another user")
+def test_lock_files_another_user_left_do_not_shut_out_a_user_who_may_write(tmp_path):
+    """Root's run left its lock files (0644) in a shared --out; another user who may write every output
+    claims it all the same."""
+    import tempfile
+    shared = tempfile.mkdtemp(dir="/tmp")  # every folder on the way open to the other user
+    try:
+        os.chmod(shared, 0o1777)
+        cfg = shp.Config(out=shared, no_plots=True)
+        for fd in shp.claim_out(cfg):  # root's run, which leaves its lock files behind
+            os.close(fd)
+        os.chmod(os.path.join(shared, "monitoring_export"), 0o777)  # an output the other user may write
+        child = os.fork()
+        if child == 0:
+            code = 3
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                code = 0 if shp.claim_out(cfg) else 4
+            except BaseException:
+                code = 5
+            finally:
+                os._exit(code)
+        assert os.waitpid(child, 0)[1] >> 8 == 0
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
