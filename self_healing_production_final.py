@@ -351,8 +351,9 @@ def predict_proba(model: nn.Module, X: np.ndarray) -> np.ndarray:
 # -- Training
 
 class Adam:
-    """torch.optim.Adam's arithmetic on CPU (its single-tensor path), bit for bit. Not torch.optim.Adam
-    itself because its first use imports torch._dynamo, 2-3 s, longer than this whole training."""
+    """torch.optim.Adam's arithmetic on CPU (its single-tensor path), bit for bit, in torch's foreach
+    kernels (the same arithmetic per tensor, in fewer calls). Not torch.optim.Adam itself because its
+    first use imports torch._dynamo, 2-3 s, longer than this whole training."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
         self.params = list(params)
@@ -367,17 +368,20 @@ class Adam:
 
     @torch.no_grad()
     def step(self) -> None:
+        by_step: dict = {}  # parameters with a gradient, by their own step count (one group, in practice)
         for i, p in enumerate(self.params):
-            if p.grad is None:
-                continue
-            grad, m, v = p.grad, self.exp_avg[i], self.exp_avg_sq[i]
-            self.steps[i] += 1
-            m.lerp_(grad, 1 - self.beta1)
-            v.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
-            bias_correction1 = 1 - self.beta1 ** self.steps[i]
-            bias_correction2 = 1 - self.beta2 ** self.steps[i]
-            denom = (v.sqrt() / bias_correction2 ** 0.5).add_(self.eps)
-            p.addcdiv_(m, denom, value=-(self.lr / bias_correction1))
+            if p.grad is not None:
+                self.steps[i] += 1
+                by_step.setdefault(self.steps[i], []).append(i)
+        for t, group in by_step.items():
+            params, grads = [self.params[i] for i in group], [self.params[i].grad for i in group]
+            m, v = [self.exp_avg[i] for i in group], [self.exp_avg_sq[i] for i in group]
+            torch._foreach_lerp_(m, grads, 1 - self.beta1)
+            torch._foreach_mul_(v, self.beta2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - self.beta2)
+            denom = torch._foreach_div(torch._foreach_sqrt(v), (1 - self.beta2 ** t) ** 0.5)
+            torch._foreach_add_(denom, self.eps)
+            torch._foreach_addcdiv_(params, m, denom, value=-(self.lr / (1 - self.beta1 ** t)))
 
 
 def epoch_orders(cfg: ArticleConfig) -> list:
@@ -3294,7 +3298,7 @@ def _num(value, spec: str) -> str:
 
 
 def _count(n: int, noun: str) -> str:
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+    return f"{n:,} {noun}{'' if n == 1 else 'es' if noun.endswith('s') else 's'}"
 
 
 def _accuracy(m: Optional[Metrics]) -> Optional[float]:
@@ -3508,7 +3512,10 @@ def csv_cell(value) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.6f}" if math.isfinite(value) else ""
+        if not math.isfinite(value):
+            return ""
+        text = f"{value:.6f}"
+        return "0.000000" if text == "-0.000000" else text  # a tiny negative is not a sign worth printing
     return str(value)
 
 
@@ -3640,12 +3647,16 @@ def bench_fingerprint(cfg: MeasurementConfig) -> dict:
             if f.metadata["role"] != "run" and f.name not in varied_by_the_bench}
 
 
-def possible(row: BenchRow) -> bool:
-    """Shares within [0, 1] (or missing), costs and rates not negative, kappa at most 1."""
+def possible(row: BenchRow, n_batches: int) -> bool:
+    """Shares within [0, 1] (or missing), costs and rates not negative, kappa at most 1, detection delays
+    within the stream (or missing), false alarms at most 1,000 per 1,000 batches."""
     shares = (row.accuracy, row.f1, row.roc_auc, row.bayes_accuracy, row.bayes_auc)
     amounts = (row.cost, row.none_cost, row.bayes_cost, row.adaptations_per_1000)
+    delays = (row.fidi_delay, row.adwin_delay, row.ks_delay)
+    alarms = (row.fidi_false_alarms, row.adwin_false_alarms, row.ks_false_alarms)
     return (all(math.isnan(v) or 0 <= v <= 1 for v in shares) and all(v >= 0 for v in amounts)
-            and (math.isnan(row.kappa) or row.kappa <= 1))
+            and (math.isnan(row.kappa) or row.kappa <= 1) and all(math.isnan(v) or 0 <= v < n_batches for v in delays)
+            and all(math.isnan(v) or 0 <= v <= 1000 for v in alarms))
 
 
 # -- Plots
@@ -4108,9 +4119,15 @@ def read_json_file(path, what: str):
         if not math.isfinite(value):
             no_constants(_short(text))
         return value
+
+    def unique_keys(pairs):
+        keys = [key for key, _ in pairs]
+        if len(set(keys)) < len(keys):
+            raise ConfigError(f"{what} {path} holds the key {next(k for k in keys if keys.count(k) > 1)!r} twice")
+        return dict(pairs)
     try:
         return json.loads(raw.decode("utf-8-sig"), parse_constant=no_constants, parse_int=bounded_int,
-                          parse_float=finite_float)
+                          parse_float=finite_float, object_pairs_hook=unique_keys)
     except UnicodeDecodeError:
         raise ConfigError(f"{what} {path} is not UTF-8 text") from None
     except json.JSONDecodeError as e:
@@ -4207,17 +4224,43 @@ def _stop(signum, frame):
         signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
+def _stop_again_if_swallowed(unraisable) -> None:
+    """sys.unraisablehook while the run can be stopped. A stop raised where Python discards exceptions
+    (an at-fork hook, a weakref callback during garbage collection) would leave the run going with every
+    later stop ignored: send it again, to be raised where it can land."""
+    stop = unraisable.exc_value
+    if not isinstance(stop, KeyboardInterrupt) or threading.current_thread() is not threading.main_thread():
+        return sys.__unraisablehook__(unraisable)
+    for sig in STOPPING_SIGNALS:
+        signal.signal(sig, _stop)
+    signum = stop.status - 128 if isinstance(stop, Terminated) else signal.SIGINT
+    again = threading.Timer(0.01, os.kill, (os.getpid(), signum))  # from outside this hook, which discards too
+    again.daemon = True
+    again.start()
+
+@contextlib.contextmanager
+def stop_signals_held():
+    """Stop signals wait (blocked, not lost) while a pool starts a worker: a stop that lands between its
+    fork and the pool's bookkeeping would leave a worker the pool does not know of (and waits for), and
+    the worker starts with them blocked, so that it sees none before worker_setup says what they do there."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOPPING_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
 @contextlib.contextmanager
 def stopping_cleanly():
     """SIGTERM and SIGHUP stop the run as Ctrl-C does (a finally block cleans up on the way out); once
     it is stopping, more of them are ignored, so that the cleanup is never cut short."""
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = {}
+    previous, unraisable_hook = {}, sys.unraisablehook
     if in_main_thread:
         previous = {sig: signal.getsignal(sig) for sig in STOPPING_SIGNALS}
         for sig in STOPPING_SIGNALS:
             if previous[sig] is not signal.SIG_IGN:  # one started with Ctrl-C ignored keeps ignoring it
                 signal.signal(sig, _stop)
+        sys.unraisablehook = _stop_again_if_swallowed
     try:
         yield
     except KeyboardInterrupt:
@@ -4228,6 +4271,7 @@ def stopping_cleanly():
                 previous = {}
         raise
     finally:
+        sys.unraisablehook = unraisable_hook
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -4340,7 +4384,8 @@ def read_cells(directory: Path, cells: list[BenchCell], cfg: MeasurementConfig) 
                          == [(c.scenario, method, c.seed) for method in HEAL_METHODS])
             same_flags = entry["config"] == fingerprint
             numbers = [getattr(r, f.name) for r in cell_rows for f in dataclasses.fields(BenchRow) if f.type == "float"]
-            if not all(type(v) in (int, float) for v in numbers):
+            whole = [getattr(r, f.name) for r in cell_rows for f in dataclasses.fields(BenchRow) if f.type == "int"]
+            if not all(type(v) in (int, float) for v in numbers) or not all(type(v) is int for v in whole):
                 raise TypeError
         except (ValueError, KeyError, TypeError, AttributeError):
             raise ConfigError(f"--merge: {path} is not a bench cell file") from None
@@ -4348,7 +4393,7 @@ def read_cells(directory: Path, cells: list[BenchCell], cfg: MeasurementConfig) 
             raise ConfigError(f"--merge: {path} holds another cell than its name says")
         if not same_flags:
             raise ConfigError(f"--merge: {path} was made by a bench with other flags")
-        if not all(map(possible, cell_rows)):
+        if not all(possible(r, cfg.n_batches) for r in cell_rows):
             raise ConfigError(f"--merge: {path} holds figures no bench can produce")
         rows += cell_rows
     return rows
@@ -4397,6 +4442,7 @@ def worker_setup(parent: int, progress=None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPPING_SIGNALS)  # held since the parent started this worker
     use_one_torch_thread()
     WORKER_PROGRESS = progress
     import atexit
@@ -4410,6 +4456,14 @@ def leave_if_a_heal_is_running() -> None:
         os._exit(0)
 
 
+class WorkerPool(ProcessPoolExecutor):
+    """A ProcessPoolExecutor that starts its workers (which it does in submit) with the stop signals held."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        with stop_signals_held():
+            return super().submit(fn, *args, **kwargs)
+
+
 @contextlib.contextmanager
 def process_pool(workers: int, method: str, progress=None):
     """A ProcessPoolExecutor of `workers` processes (fork: they start in milliseconds with everything
@@ -4417,8 +4471,8 @@ def process_pool(workers: int, method: str, progress=None):
     parent stops early (an error, Ctrl-C) its workers are stopped at once, which the pool alone does
     not do: it waits for them."""
     import multiprocessing
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=worker_setup,
-                               initargs=(os.getpid(), progress))
+    pool = WorkerPool(workers, mp_context=multiprocessing.get_context(method), initializer=worker_setup,
+                      initargs=(os.getpid(), progress))
     try:
         yield pool
     except BaseException:
@@ -4611,7 +4665,7 @@ class Config(ImagesConfig):
     bench: bool = knob(False, "run every scenario against every method over --seeds and print when "
                        "self-healing helps", role="run")
     shard: str = knob("", "with --bench, run only shard K of N (K/N): one file per cell, merged by --merge",
-                      (is_shard, "K/N with 0 <= K < N"), role="run")
+                      (is_shard, "K/N with 0 <= K < N <= 999999"), role="run")
     merge: bool = knob(False, "with --bench, collect the cell files of all shards into the table, CSV and plot",
                        role="run")
     export_torchserve: str = knob("", "train as the article's run does, write a TorchServe archive of the model to "
@@ -4792,7 +4846,7 @@ def flag_help(f: dataclasses.Field) -> str:
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     """One flag per Config field, grouped by the class that declares it. With suppress_defaults the
     parse holds only flags given."""
-    parser = _Parser(prog="self_healing_production_final.py", usage="%(prog)s [flags]",
+    parser = _Parser(prog="self_healing_production_final.py", usage="%(prog)s [flags]", allow_abbrev=False,
                      description="Self-healing neural network under data drift: the article's experiment, "
                                  "reproduced and measured honestly. Flags by what they control:",
                      argument_default=argparse.SUPPRESS if suppress_defaults else None)
@@ -4881,7 +4935,7 @@ def run_seed_sweep(cfg: Config, console: Callable[[str], None] = print, workers:
     """Seeds cfg.seed .. cfg.seed + seeds - 1, in parallel processes; prints and writes their spread."""
     configs = sweep_configs(cfg)
     workers = workers or min(len(configs), os.cpu_count() or 1)
-    console(f"Running seeds {configs[0].seed}..{configs[-1].seed} in {workers} processes.")
+    console(f"Running seeds {configs[0].seed}..{configs[-1].seed} in {_count(workers, 'process')}.")
     summaries = map_in_processes(summarise_seed, configs, workers, Progress("sweep", len(configs), "seeds"))
     for line in sweep_report(summaries, sweep_spread(summaries)):
         console(line)
@@ -4933,8 +4987,8 @@ def run_bench(cfg: Config, out: Path, console: Callable[[str], None], merged: li
         rows = merged
     else:
         workers = min(cfg.seeds, os.cpu_count() or 1)
-        console(f"Running {len(cells)} cells ({len(SCENARIOS)} scenarios x {cfg.seeds} seeds, each stream served by "
-                f"{len(HEAL_METHODS)} methods) in {workers} processes.")
+        console(f"Running {_count(len(cells), 'cell')} ({len(SCENARIOS)} scenarios x {_count(cfg.seeds, 'seed')}, each "
+                f"stream served by {len(HEAL_METHODS)} methods) in {_count(workers, 'process')}.")
         rows = run_bench_in_processes(cfg, cells, workers)
     report_and_write(bench_report(rows, cfg), lambda folder: write_bench_csv(rows, folder),
                      lambda plt: plot_bench(plt, rows), "bench.png", cfg, console)
@@ -4959,8 +5013,8 @@ def run_images(cfg: Config, console: Callable[[str], None]) -> int:
     seeds, corruptions = [cfg.seed + k for k in range(cfg.seeds)], chosen_corruptions(cfg.corruptions)
     workers = min(len(seeds) * len(corruptions), os.cpu_count() or 1)
     console(f"Training a width-{cfg.resnet_width} ResNet-18 on {cfg.image_train:,} rendered digits for each of "
-            f"{len(seeds)} seeds, then streaming {len(corruptions)} corruptions through {len(IMAGE_METHODS) + 1} "
-            f"methods, in {workers} processes (training on the {image_device().type}, streams on the cpu).")
+            f"{_count(len(seeds), 'seed')}, then streaming {_count(len(corruptions), 'corruption')} through {len(IMAGE_METHODS) + 1} "
+            f"methods, in {_count(workers, 'process')} (training on the {image_device().type}, streams on the cpu).")
     done = map_in_processes(train_images_job, [(cfg, seed) for seed in seeds], workers,
                             Progress("images", len(seeds) * (1 + len(corruptions)), "trainings and streams"),
                             then=lambda trained: [(image_cell_job, (cfg, trained, c)) for c in corruptions])
@@ -5177,6 +5231,9 @@ def main(argv: list[str] = None) -> int:
             cfg = parse_config(sys.argv[1:] if argv is None else argv)
             # a merge checks every cell before it creates anything
             cells, out = bench_cells(cfg.seed, cfg.seeds), Path(cfg.out)
+            if cfg.merge and (out / LOCK_NAME).is_file() and held_elsewhere(out / LOCK_NAME):
+                raise ConfigError(f"--out {cfg.out} is busy: shards (or another run) are still writing there; "
+                                  f"merge once they are done")
             merged = read_cells(out / "bench_cells", cells, cfg) if cfg.merge else None
             locks = claim_out(cfg)
             use_one_torch_thread()
@@ -5197,6 +5254,8 @@ def main(argv: list[str] = None) -> int:
     except ConfigError as e:
         error_line(str(e))
         return 2
+    except SystemExit as e:  # argparse's, having printed its one line (or --help)
+        return e.code
     except Terminated as e:
         error_line(f"stopped by {signal.Signals(e.status - 128).name}: {LEFT_AS_THEY_WERE}")
         return e.status

@@ -5,6 +5,7 @@
     python tests/benchmark.py --startup       # the default run's wall time against the import floor
     python tests/benchmark.py --bench         # the full scenario bench: wall time and peak memory
     python tests/benchmark.py --bench --bench-batches 200   # the same at 200 batches a stream
+    python tests/benchmark.py --bench-profile  # where one bench seed's time goes (--bench-batches too)
     python tests/benchmark.py --sweep         # --seeds 10 --no-plots: wall time and CPU time
     python tests/benchmark.py --images        # ResNet-18 speed per image, and --images: wall time and peak memory
     python tests/benchmark.py --images --images-flags "--resnet-width 64 --seeds 1 --corruptions contrast"
@@ -236,6 +237,39 @@ def resnet_speed(widths=(8, 16, 64), batch: int = 128, threads=(1, 2)) -> None:
                   f"train {timings['train']:.2f} ms, infer {timings['infer']:.2f} ms per image")
 
 
+def bench_seed_profile(n_batches: int) -> None:
+    """Where one seed of the bench spends its time, in one process: its training, its detectors' false
+    alarms, and over its seven streams the detectors' delays, the ceilings and each method's stream."""
+    sys.path.insert(0, str(ROOT))
+    import self_healing_production_final as shp
+    shp.use_one_torch_thread()
+    cfg = shp.bench_config(shp.Config(n_batches=n_batches))
+    seconds = {}
+
+    def timed(name, fn, *args):
+        start = time.perf_counter()
+        result = fn(*args)
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+        return result
+    trained = timed("training (both models)", shp.train_models, cfg)
+    timed("false alarms (1,000 stationary batches)", shp.false_alarms, cfg, trained)
+    runs = [(name, None) for name in shp.HEAL_METHODS if name != "select"]
+    runs += [(name, s) for name, s in shp.Select.CANDIDATES.items() if s not in (None, cfg.supervision)]
+    for scenario in shp.SCENARIOS:
+        timed("detection delays", shp.detection_delays, scenario, cfg, trained)
+        timed("Bayes ceilings", shp.scenario_ceiling, scenario, cfg)
+        batches = list(shp.scenario_batches(scenario, cfg, trained))
+        for name, supervision in runs:
+            method = shp.make_method(name, trained, shp.dataclasses.replace(cfg, supervision=supervision or
+                                                                             cfg.supervision))
+            timed(f"stream: {name}" + (f" ({supervision}, for select)" if supervision else ""),
+                  shp.serve_stream, method, batches)
+    total = sum(seconds.values())
+    print(f"one bench seed, --n-batches {n_batches}, one process: {total:.1f} s")
+    for name, s in sorted(seconds.items(), key=lambda item: -item[1]):
+        print(f"  {name:<45} {s:6.1f} s  {100 * s / total:4.1f}%")
+
+
 def sweep(seeds: int) -> None:
     """A seed sweep with plots off, in a fresh process: wall time, and CPU time of it and its workers."""
     with tempfile.TemporaryDirectory() as out:
@@ -258,6 +292,7 @@ def main():
     parser.add_argument("--startup", action="store_true", help="only the startup benchmark")
     parser.add_argument("--bench", action="store_true", help="only the scenario bench (5 seeds)")
     parser.add_argument("--bench-batches", type=int, default=25, help="stream batches of the bench's scenarios")
+    parser.add_argument("--bench-profile", action="store_true", help="where one bench seed's time goes")
     parser.add_argument("--keep", metavar="DIR", help="with --bench: the --out of the bench run, kept")
     parser.add_argument("--sweep", action="store_true", help="only a sweep of 10 seeds")
     parser.add_argument("--images", action="store_true", help="only the ResNet-18's speed and an --images run")
@@ -269,6 +304,8 @@ def main():
         return stream_child(args.child)
     if args.startup:
         return startup(args.repeats)
+    if args.bench_profile:
+        return bench_seed_profile(args.bench_batches)
     if args.bench:
         return bench_against_default_run(args.bench_batches, args.keep)
     if args.images:

@@ -373,3 +373,18 @@ def test_select_reads_the_runs_of_the_candidates_it_names_and_nothing_runs_twice
     assert len({(name, c) for name, c in made}) == len(made), "no method runs twice with the same settings"
     assert {c.supervision for name, c in made if name == "heal"} == {"labels", "delayed"}
     assert runs["select"].proba[0] is runs["calibrated"].proba[0], "it serves its first champion's own answers"
+
+
+def test_the_readme_prints_the_bench_table_of_the_committed_bench_csv():
+    """The README's 25-batch table is what --bench printed: its report, made again from the rows it wrote."""
+    import csv
+    import dataclasses
+    import math
+    from conftest import SCRIPT
+    types = {f.name: {"str": str, "int": int, "float": float}[f.type] for f in dataclasses.fields(shp.BenchRow)}
+    with open(SCRIPT.parent / "monitoring_export" / "bench.csv", encoding="utf-8") as f:
+        rows = [shp.BenchRow(**{k: math.nan if v == "" else types[k](v) for k, v in row.items()})
+                for row in csv.DictReader(f)]
+    assert len(rows) == len(shp.SCENARIOS) * len(shp.HEAL_METHODS) * shp.BENCH_SEEDS
+    printed = "\n".join(shp.bench_report(rows, shp.Config())[1:])
+    assert f"```\n{printed}\n```" in (SCRIPT.parent / "README.md").read_text(encoding="utf-8")

@@ -729,9 +729,9 @@ def test_14_a_bench_table_never_prints_minus_zero(made_cells):
     """A kappa of -1e-9 is printed as 0.00 (+0.00), never -0.00."""
     rows = []
     for path in sorted((made_cells / "bench_cells").glob("cell-*.json")):
-        row = json.loads(path.read_text())["row"]
-        row = shp.BenchRow(**{k: math.nan if v is None else v for k, v in row.items()})
-        rows.append(dataclasses.replace(row, kappa=-1e-9))
+        for row in json.loads(path.read_text())["rows"]:
+            row = shp.BenchRow(**{k: math.nan if v is None else v for k, v in row.items()})
+            rows.append(dataclasses.replace(row, kappa=-1e-9))
     table = shp.bench_report(rows, shp.Config())
     minus_zero = re.compile(r"(?<![+\d])-0\.0+(?!\d)")  # -0.00 or -0.000, but not a half-width such as +-0.006
     assert any("kappa" in line for line in table)

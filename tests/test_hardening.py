@@ -427,3 +427,124 @@ def test_lock_files_another_user_left_do_not_shut_out_a_user_who_may_write(tmp_p
         assert os.waitpid(child, 0)[1] >> 8 == 0
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_stop_swallowed_where_python_discards_exceptions_still_stops_the_run(tmp_path, monkeypatch, capsys):
+    """SIGTERM handled inside a weakref callback (where Python discards what a handler raises, as in an
+    at-fork hook): the run still stops, with one line and 143, not exit 0 with every later stop ignored."""
+    import weakref
+
+    class Thing:
+        pass
+
+    def callback(ref):
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:  # the handler runs here, inside the callback
+            pass
+    real_write, things = shp.Exports.write, []
+
+    def write_then_collect(self, record):
+        real_write(self, record)
+        if not things:
+            thing = Thing()
+            things.append(weakref.ref(thing, callback))
+            del thing  # the callback runs now
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(shp.Exports, "write", write_then_collect)
+    assert shp.main(TINY + ["--n-batches", "50"]) == 143
+    assert "SIGTERM" in _one_error_line(capsys.readouterr().err)
+    assert signal.getsignal(signal.SIGTERM) is not shp._stop, "main leaves the handlers as it found them"
+
+
+def _mask_at_start():
+    global _MASK_AT_START
+    _MASK_AT_START = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+def _mask_seen():
+    return _MASK_AT_START, signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+def test_pool_workers_start_with_stop_signals_held_until_their_setup():
+    """A stop in the window between a worker's fork and its set-up waits for worker_setup (which ignores
+    Ctrl-C there) instead of landing in the pool's machinery."""
+    import multiprocessing
+    with shp.WorkerPool(1, mp_context=multiprocessing.get_context("fork"), initializer=_mask_at_start) as pool:
+        at_start, _ = pool.submit(_mask_seen).result(timeout=60)
+    assert set(shp.STOPPING_SIGNALS) <= set(at_start)
+    with shp.process_pool(1, "fork") as pool:
+        after_setup = pool.submit(signal.pthread_sigmask, signal.SIG_BLOCK, []).result(timeout=60)
+    assert not set(shp.STOPPING_SIGNALS) & set(after_setup)
+    assert not set(shp.STOPPING_SIGNALS) & set(signal.pthread_sigmask(signal.SIG_BLOCK, [])), "the parent's mask is back"
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_pool_workers_start_always_stops_in_one_line(tmp_path):
+    """Ctrl-C to the whole process group at moments spread over the start of a seed sweep's pool: each
+    run ends within 60 s, 130, one line, no child traceback."""
+    for delay in (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0):
+        run = subprocess.Popen([sys.executable, str(SCRIPT), *TINY, "--seeds", "4", "--out", str(tmp_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: (_default_ctrl_c(), os.setpgrp()))
+        time.sleep(delay)
+        os.killpg(run.pid, signal.SIGINT)
+        try:
+            _, err = run.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)
+            raise AssertionError(f"hung after Ctrl-C at {delay} s")
+        if run.returncode == 0:
+            continue  # finished before the Ctrl-C
+        assert run.returncode == 130, (delay, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, (delay, err)
+
+
+@pytest.mark.parametrize("flag", [["--n-batch", "3"], ["--drift", "3"]], ids=["--n-batch", "--drift"])
+def test_an_abbreviated_flag_is_refused_in_one_line_and_main_returns_2(flag, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert shp.main(TINY + flag) == 2, "imported, main returns its status instead of raising SystemExit"
+    assert "unrecognized arguments" in _one_error_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tiny_negative_is_written_as_zero_not_minus_zero():
+    assert shp.csv_cell(-1e-9) == "0.000000" and shp.csv_cell(-0.0) == "0.000000" and shp.csv_cell(-0.5) == "-0.500000"
+
+
+def test_a_threshold_file_with_a_key_twice_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.json").write_text('{"fidi_threshold": 1.0, "fidi_threshold": 5.0}')
+    assert shp.main(TINY + ["--thresholds", "t.json"]) == 2
+    assert "'fidi_threshold' twice" in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("field, value", [("seed", "42.0"), ("fidi_delay", "1e300"), ("ks_false_alarms", "-3.0")])
+def test_merge_refuses_a_cell_no_bench_could_write(field, value, tmp_path, capsys):
+    bench = TINY + ["--bench", "--seeds", "1", "--out", str(tmp_path)]
+    assert shp.main(bench + ["--shard", "0/1"]) == 0
+    victim = sorted((tmp_path / "bench_cells").glob("cell-*.json"))[2]
+    entry = json.loads(victim.read_text())
+    entry["rows"][1][field] = json.loads(value)
+    victim.write_text(json.dumps(entry))
+    capsys.readouterr()
+    assert shp.main(bench + ["--merge"]) == 2
+    assert victim.name in _one_error_line(capsys.readouterr().err)
+
+
+def test_a_merge_while_shards_run_says_so(tmp_path, capsys):
+    bench = TINY + ["--bench", "--seeds", "1", "--out", str(tmp_path)]
+    cfg = shp.parse_config(bench + ["--shard", "0/2"])
+    locks = shp.claim_out(cfg)  # a shard, running
+    try:
+        assert shp.main(bench + ["--merge"]) == 2
+        assert "still writing" in _one_error_line(capsys.readouterr().err)
+    finally:
+        for fd in locks:
+            os.close(fd)
+
+
+def test_a_shard_beyond_the_limit_is_refused_naming_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert shp.main(TINY + ["--bench", "--shard", "999999/1000000"]) == 2
+    assert "N <= 999999" in _one_error_line(capsys.readouterr().err)
