@@ -654,9 +654,8 @@ class Snapshot:
 
 
 class ModelRegistry:
-    """Versions of the ReflexiveLayer. Keeps the clean version, the keep_best post-heal
-    snapshots with the highest F1 and the keep_last most recent, so its memory is bounded
-    however long the stream runs (the article keeps every one)."""
+    """Versions of the ReflexiveLayer: the clean one, the keep_best post-heal snapshots with the highest F1
+    and the keep_last most recent, so that memory is bounded however long the stream (the article keeps all)."""
 
     def __init__(self, keep_best: int, keep_last: int):
         self.keep_best, self.keep_last = keep_best, keep_last
@@ -720,18 +719,14 @@ class HealthMonitor:
         return None
 
     def restart(self) -> None:
-        """After a rollback the window starts afresh: old entries describe weights no longer served,
-        and keeping them would roll back again on every following batch (the article's script does)."""
+        """After a rollback the window starts afresh (the article's script keeps it, and rolls back again
+        on every following batch): its entries describe weights no longer served."""
         self.accuracy.clear()
         self.f1.clear()
         self.updates = 0
 
 
 # -- The self-healer
-
-def now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
-
 
 @dataclass
 class BatchRecord:
@@ -756,7 +751,8 @@ class BatchRecord:
     events: list = field(default_factory=list)  # heals, rollbacks, rejections at this batch
 
     def event(self, kind: str, batch: int, **details) -> None:
-        self.events.append({"type": kind, "batch": batch, "time": now_iso(), **details})
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+        self.events.append({"type": kind, "batch": batch, "time": now, **details})
 
     @property
     def healed_here(self) -> bool:
@@ -988,11 +984,10 @@ def drifted_batches(data: Dataset, cfg: ArticleConfig, rng: np.random.RandomStat
 
 
 class Experiment:
-    """One run of the article on trained models: the self-healer around a copy of the trained model,
-    and the frozen shadow and the unhealed baseline scored beside it on every batch. Iterating it
-    serves the batches, one record each. The labels of each batch come right after its answers, as in
-    the article (or label_delay batches later). `batches` (the article's stream unless given), the
-    detector (FIDI unless given) and the healer's other arguments can be handed in."""
+    """One run of the article on trained models: the self-healer around a copy of the trained model, and
+    the frozen shadow and the unhealed baseline scored beside it. Iterating it serves the batches, one
+    record each; a batch's labels follow its answers (or come label_delay batches later). The batches
+    (the article's stream), the detector (FIDI) and the healer's other arguments can be handed in."""
 
     def __init__(self, cfg: ArticleConfig, trained: Trained, batches: Iterable = None, detector=None,
                  label_delay: int = 0, **healer_arguments):
@@ -3473,7 +3468,8 @@ def report(run: Run, e: Evaluation, full_table: bool = False) -> list[str]:
         "",
         f"Mean prequential lift (model that served each batch, before its heal, minus shadow): "
         f"{100 * log.prequential.mean:+.1f} pp accuracy, {100 * log.prequential_f1.mean:+.1f} pp F1 "
-        f"(the article's in-sample lift: {_num(100 * log.lift.mean, '+.1f')} pp).",
+        + (f"(the article's in-sample lift: {_num(100 * log.lift.mean, '+.1f')} pp)." if log.lift.n else
+           "(no heal was published at the batch it learned from, so there is no in-sample lift)."),
         f"Bayes-optimal limits at drift {cfg.drift_strength:g}: accuracy {100 * e.bayes_accuracy:.1f}%, "
         f"ROC-AUC {e.bayes_auc:.3f} (likelihood ratio; a threshold on V14 alone reaches at most "
         f"{v14_threshold_auc(drifted_set_law(cfg, cfg.n_drift)):.3f}); always answering normal scores "
@@ -5013,8 +5009,9 @@ def run_images(cfg: Config, console: Callable[[str], None]) -> int:
     seeds, corruptions = [cfg.seed + k for k in range(cfg.seeds)], chosen_corruptions(cfg.corruptions)
     workers = min(len(seeds) * len(corruptions), os.cpu_count() or 1)
     console(f"Training a width-{cfg.resnet_width} ResNet-18 on {cfg.image_train:,} rendered digits for each of "
-            f"{_count(len(seeds), 'seed')}, then streaming {_count(len(corruptions), 'corruption')} through {len(IMAGE_METHODS) + 1} "
-            f"methods, in {_count(workers, 'process')} (training on the {image_device().type}, streams on the cpu).")
+            f"{_count(len(seeds), 'seed')}, then streaming {_count(len(corruptions), 'corruption')} through "
+            f"{len(IMAGE_METHODS) + 1} methods, in {_count(workers, 'process')} (training on the "
+            f"{image_device().type}, streams on the cpu).")
     done = map_in_processes(train_images_job, [(cfg, seed) for seed in seeds], workers,
                             Progress("images", len(seeds) * (1 + len(corruptions)), "trainings and streams"),
                             then=lambda trained: [(image_cell_job, (cfg, trained, c)) for c in corruptions])

@@ -548,3 +548,10 @@ def test_a_shard_beyond_the_limit_is_refused_naming_it(tmp_path, monkeypatch, ca
     monkeypatch.chdir(tmp_path)
     assert shp.main(TINY + ["--bench", "--shard", "999999/1000000"]) == 2
     assert "N <= 999999" in _one_error_line(capsys.readouterr().err)
+
+
+def test_a_run_without_heals_says_so_instead_of_a_blank_lift(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert shp.main(TINY + ["--conflict-min", "1000000", "--fidi-threshold", "1000"]) == 0
+    out = capsys.readouterr().out
+    assert "no in-sample lift" in out and "lift: - pp" not in out
