@@ -4032,6 +4032,8 @@ def write_atomic(path: Path, text: str) -> None:
 
 TEMPORARY_NAME = re.compile(r"\..+\.(\d+)\.[a-z0-9_]{8}\.tmp")  # atomic_file's: .NAME.PID.RANDOM.tmp
 
+LOCK_NAME = ".self_healing.lock"  # in --out: every run that writes there holds it, shards of one bench together
+
 def take_lock(path: Path, shared: bool = False, wait: bool = False, create: bool = True) -> int:
     """A lock on path (created if need be), held until its descriptor is closed; the kernel drops it
     when the process dies, however it dies. The file is opened for writing where it may be (where flock
@@ -4169,19 +4171,17 @@ def _duration(seconds: float) -> str:
         f"{seconds / 3600:.1f} h"
 
 def open_closed_standard_streams() -> None:
-    """A run started with standard input, output or error closed (`>&-`) still runs and writes its files:
-    the closed descriptor is pointed at /dev/null, so that no file or pipe opened later takes its number,
-    and so is Python's stream, which is None then."""
-    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
-        try:
+    """A run started with standard output or error closed (`>&-`) still writes its files: the closed
+    descriptor goes to /dev/null (no file opened later may take its number), and so does Python's stream."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        with contextlib.suppress(OSError):
             os.fstat(fd)
-        except OSError:
-            null = os.open(os.devnull, os.O_RDONLY if mode == "r" else os.O_WRONLY)
-            if null != fd:
-                os.dup2(null, fd)
-                os.close(null)
-        if getattr(sys, name) is None:
-            setattr(sys, name, open(fd, mode, closefd=False))
+            continue
+        null = os.open(os.devnull, os.O_WRONLY)  # the lowest free number: this one, or a lower closed one
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        setattr(sys, name, open(fd, "w", closefd=False))
 
 class Console:
     """Standard output that cannot stop the run: after the first failed write (a reader that went
@@ -4236,9 +4236,8 @@ def _stop_again_if_swallowed(unraisable) -> None:
 
 @contextlib.contextmanager
 def stop_signals_held():
-    """Stop signals wait (blocked, not lost) while a pool starts a worker: a stop that lands between its
-    fork and the pool's bookkeeping would leave a worker the pool does not know of (and waits for), and
-    the worker starts with them blocked, so that it sees none before worker_setup says what they do there."""
+    """Stop signals wait (blocked, not lost) while a pool starts a worker, which would otherwise be one the pool
+    does not know of (and waits for); the worker starts with them blocked until worker_setup."""
     held = signal.pthread_sigmask(signal.SIG_BLOCK, STOPPING_SIGNALS)
     try:
         yield
@@ -4363,6 +4362,9 @@ def read_cells(directory: Path, cells: list[BenchCell], cfg: MeasurementConfig) 
     missing = [c.name for c in cells if not (directory / f"{c.name}.json").is_file()]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        if (directory.parent / LOCK_NAME).is_file() and held_elsewhere(directory.parent / LOCK_NAME):
+            raise ConfigError(f"--merge: {len(missing)} of {len(cells)} cells are missing, and shards (or another "
+                              f"run) are still writing into {directory.parent}: merge once they are done")
         raise ConfigError(f"--merge: {len(missing)} of {len(cells)} cells missing in {directory}: {shown}")
     expected = {f"{c.name}.json" for c in cells}
     others = sorted(p.name for p in directory.glob("cell-*.json") if p.name not in expected)
@@ -5038,7 +5040,6 @@ def output_plan(cfg: Config) -> dict:
 
 
 OWNED_FOLDERS = ("monitoring_export", "plots", "bench_cells")  # every folder under --out a run may write in
-LOCK_NAME = ".self_healing.lock"  # in --out: every run that writes there holds it, shards of one bench together
 
 
 def bench_lock_name(cfg: Config) -> str:
@@ -5228,9 +5229,6 @@ def main(argv: list[str] = None) -> int:
             cfg = parse_config(sys.argv[1:] if argv is None else argv)
             # a merge checks every cell before it creates anything
             cells, out = bench_cells(cfg.seed, cfg.seeds), Path(cfg.out)
-            if cfg.merge and (out / LOCK_NAME).is_file() and held_elsewhere(out / LOCK_NAME):
-                raise ConfigError(f"--out {cfg.out} is busy: shards (or another run) are still writing there; "
-                                  f"merge once they are done")
             merged = read_cells(out / "bench_cells", cells, cfg) if cfg.merge else None
             locks = claim_out(cfg)
             use_one_torch_thread()
