@@ -1091,13 +1091,14 @@ def running_wait(ready: Callable[[float], bool], timeout: float) -> bool:
     means the process was stopped (Ctrl-Z, SIGSTOP, a Slurm suspend), and that time does not count, so
     a suspended run rejects no heal it would have waited for."""
     left = timeout
-    while left > 0:
-        asked, start = min(0.25, left), time.monotonic()
+    while True:  # ready is asked at least once: with no time left, whether it is there already
+        asked, start = max(min(0.25, left), 0.0), time.monotonic()
         if ready(asked):
             return True
         took = time.monotonic() - start
         left -= asked if took > asked + 1.0 else took
-    return False
+        if left <= 0:
+            return False
 
 
 class ThreadHeals:

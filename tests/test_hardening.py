@@ -369,6 +369,7 @@ def test_time_a_run_spends_stopped_does_not_count_against_a_heal(monkeypatch):
         return False
     clock[0] = 1.0
     assert not shp.running_wait(never, timeout=30.0) and clock[0] == pytest.approx(31.0)
+    assert shp.running_wait(lambda seconds: True, timeout=0), "with no time left, what is there already counts"
 
 
 @pytest.mark.slow
