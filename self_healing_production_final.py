@@ -1363,7 +1363,7 @@ SUPERVISION_MODES = ("labels", "rules", "delayed")
 SCENARIOS = ("article", "stationary", "offset", "gradual", "recurring", "prior", "covariate")
 # The bench's two extension points, one table each, filled where their entries are defined below: a new
 # method or detector is one entry there (the flags' choices are these tables).
-HEAL_METHODS: dict = {}  # name -> the StreamMethod class ("Methods", below)
+HEAL_METHODS: dict = {}  # name -> the StreamMethod class, or Select, which reads theirs ("Methods", below)
 DETECTORS: dict = {}     # name -> (title, factory(trained, cfg)) ("Detectors that see every drift", below)
 
 
@@ -3326,7 +3326,7 @@ def pipeline_lines(run: Run) -> list[str]:
 # The per-batch console table: title, alignment and width, and what a record shows under it.
 BATCH_COLUMNS = (
     ("batch", ">5", lambda r: str(r.batch)),
-    ("state", "<11", lambda r: r.state),
+    ("state", "<15", lambda r: r.state + ("" if r.restored_version is None else f" v{r.restored_version}")),
     ("action", "<13", lambda r: r.action),
     ("z", ">6", lambda r: _num(r.z, ".3f")),
     ("confl", ">5", lambda r: str(r.conflicts)),
@@ -3589,6 +3589,13 @@ def _mean_pm(s: Spread, spec: str) -> str:
     return f"{_num(s.mean, spec)} +-{_num(half, spec.lstrip('+'))}" if half > 0 else _num(s.mean, spec)
 
 
+def _mean_interval(s: Spread, spec: str) -> str:
+    """'mean [low, high]', the 95% interval itself (a ratio's bootstrap interval is lopsided)."""
+    if not math.isfinite(s.mean):
+        return "-"
+    return f"{_num(s.mean, spec)} [{_num(s.low, spec)}, {_num(s.high, spec)}]" if s.high > s.low else _num(s.mean, spec)
+
+
 def detector_report(rows: list[BenchRow]) -> list[str]:
     """Per scenario, each detector's batches from onset to its first alarm, then its false alarms on a
     stream where nothing drifts: means over the seeds (from the `none` rows, one per seed)."""
@@ -3617,7 +3624,8 @@ def bench_report(rows: list[BenchRow], cfg: MeasurementConfig) -> list[str]:
         table.append([f"{scenario}: {SCENARIO_STORIES[scenario]}"])
         for method in [m for m in HEAL_METHODS if (scenario, m) in spreads]:
             s = spreads[(scenario, method)]
-            table.append(["  " + method] + [_mean_pm(s[name], spec) for _, name, spec in BENCH_COLUMNS])
+            table.append(["  " + method] + [_mean_interval(s[name], spec) if name == "gap_closed" else
+                                            _mean_pm(s[name], spec) for _, name, spec in BENCH_COLUMNS])
         table.append(["  Bayes ceiling", f"{first.bayes_accuracy:.3f}", "-", f"{first.bayes_auc:.3f}",
                       f"{first.bayes_cost:,.0f}", "-", "+1.00", "-"])
         if scenario in SHIFTING_SCENARIOS:  # the law moves from batch to batch
@@ -3628,8 +3636,8 @@ def bench_report(rows: list[BenchRow], cfg: MeasurementConfig) -> list[str]:
     seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}..{seeds[-1]}"
     return ["", f"Scenario bench: {len(rows)} rows, {seed_text}, {cfg.n_batches} batches of "
                 f"{cfg.batch_size} rows; prequential (each batch predicted before any adaptation on it);",
-            "mean +- half the 95% bootstrap interval over the seeds. Accuracy, F1 and kappa (against always "
-            "answering normal) at 0.5;",
+            "mean +- half the 95% bootstrap interval over the seeds (gap closed: the interval itself, which is "
+            "lopsided). Accuracy, F1 and kappa (against always answering normal) at 0.5;",
             f"cost per 1,000 rows at ${cfg.fn_cost:,.0f} per missed fraud and ${cfg.fp_cost:,.0f} per false alarm, "
             f"flagging P(fraud) > {cost_threshold(cfg):.3f} = fp/(fp+fn) (rethreshold: its learned threshold);",
             f"gap closed = (cost of none - cost) / (cost of none - Bayes cost), costs averaged over the seeds; "
@@ -3798,6 +3806,7 @@ def plot_registry(plt, d: PlotData):
     if restored:
         ax.plot(*zip(*sorted(restored)), "*", ms=20, color=COLORS["rollback"],
                 label="restored by a rollback: " + ", ".join(f"v{v}" for v, _ in sorted(restored)))
+    ax.axvline(1, color=COLORS["shadow"], ls=":", label="v1: the clean adapter (saved before any batch, no F1)")
     if d.best is not None:
         version, batch, f1 = d.best
         ax.plot([version], [f1], "*", ms=13, color=COLORS["threshold"],
@@ -3819,7 +3828,9 @@ def plot_metric_bars(plt, d: PlotData):
     fig, ax = plt.subplots(figsize=(11, 5.5), layout="constrained")
     width = 0.8 / len(bars)
     for k, (label, m) in enumerate(bars):
-        ax.bar(np.arange(4) + (k - (len(bars) - 1) / 2) * width, [getattr(m, n) for n in names], width, label=label)
+        drawn = ax.bar(np.arange(4) + (k - (len(bars) - 1) / 2) * width, [getattr(m, n) for n in names], width,
+                       label=label)
+        ax.bar_label(drawn, fmt="%.2f", fontsize=7, padding=2)  # a bar of 0 is a label on the axis
     ax.set_xticks(range(4), ["accuracy", "precision", "recall", "F1"])
     ax.set(title="Clean, drifted, shadow and healed (drifted set unless marked)", ylabel="score", ylim=(0, 1.02))
     ax.grid(alpha=0.3, axis="y")
@@ -3833,7 +3844,8 @@ def plot_dashboard(plt, d: PlotData):
     _metric_over_batches(axes[0, 1], d.records, "f1", "F1")
     axes[1, 0].plot(d.batches, d.z, "o-", color=COLORS["healed"])
     axes[1, 0].axhline(d.cfg.fidi_threshold, color=COLORS["threshold"], ls="--")
-    axes[1, 0].set(title="FIDI z-score (dashed: threshold)", xlabel="stream batch", ylabel="z")
+    axes[1, 0].set(title="FIDI z-score (dashed: threshold)", xlabel="stream batch", ylabel="z",
+                   ylim=(0, 1.1 * np.nanmax(np.append(d.z, d.cfg.fidi_threshold))))
     axes[1, 1].bar(d.batches, _series(d.records, prequential_lift), color=COLORS["served"])
     axes[1, 1].axhline(0, color="black", lw=0.8)
     axes[1, 1].set(title="Prequential lift over shadow", xlabel="stream batch", ylabel="accuracy difference")
@@ -4942,7 +4954,8 @@ def run_seed_sweep(cfg: Config, console: Callable[[str], None] = print, workers:
     console(f"Wrote {write_sweep_csv(summaries, exports)}")
     write_threshold_config(exports, cfg)
     if not cfg.no_plots:
-        write_figure(lambda plt: plot_seed_sweep(plt, summaries), Path(cfg.out) / "plots", "seed_sweep.png")
+        figure = write_figure(lambda plt: plot_seed_sweep(plt, summaries), Path(cfg.out) / "plots", "seed_sweep.png")
+        console(f"Wrote {figure}")
     return summaries
 
 

@@ -556,3 +556,30 @@ def test_a_run_without_heals_says_so_instead_of_a_blank_lift(tmp_path, monkeypat
     assert shp.main(TINY + ["--conflict-min", "1000000", "--fidi-threshold", "1000"]) == 0
     out = capsys.readouterr().out
     assert "no in-sample lift" in out and "lift: - pp" not in out
+
+
+def test_the_per_batch_line_names_the_version_a_rollback_restored():
+    record = shp.BatchRecord(7, state="ROLLED_BACK", action="heal+rollback", restored_version=3)
+    assert "ROLLED_BACK v3" in shp.batch_line(record)
+    assert "HEALTHY " in shp.batch_line(shp.BatchRecord(8))
+
+
+def test_the_bench_table_prints_gap_closeds_lopsided_interval_itself():
+    spread = shp.Spread(0.74, 0.1, 0.53, 1.17, 0.5, 1.2)
+    assert shp._mean_interval(spread, "+.2f") == "+0.74 [+0.53, +1.17]"
+
+
+def test_the_plots_show_what_they_name(default_run):
+    """Plot 7 labels every bar (a bar of 0 too), plot 6 draws v1 = clean, the dashboard's FIDI panel
+    starts at 0 so that its threshold is never on the bottom edge."""
+    plt = shp.pyplot()
+    data = shp.PlotData.of(default_run.run, default_run.evaluation)
+    bars = shp.plot_metric_bars(plt, data)
+    assert len([t for t in bars.axes[0].texts if t.get_text()]) == 6 * 4
+    registry = shp.plot_registry(plt, data)
+    assert any(list(line.get_xdata()) == [1, 1] for line in registry.axes[0].lines)
+    dashboard = shp.plot_dashboard(plt, data)
+    low, high = dashboard.axes[2].get_ylim()
+    assert low == 0 and high > default_run.run.cfg.fidi_threshold
+    for fig in (bars, registry, dashboard):
+        plt.close(fig)
