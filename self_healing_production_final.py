@@ -1152,6 +1152,13 @@ class ThreadHeals:
         self.future = None
 
 
+def heal_thread_exists() -> bool:
+    """Whether a heal thread runs, or has been started and is not running yet: is_alive() is False then,
+    but threading.enumerate() lists it, and an interpreter that shuts down under it aborts once it is
+    inside torch ("terminate called without an active exception")."""
+    return any(t.name == "heal" for t in threading.enumerate())
+
+
 def heal_worker_loop(conn, pickled_model: bytes, cfg: ArticleConfig, parent: int) -> None:
     """The heal worker process: heal or restore on request, reply with the outcome."""
     die_with_parent(parent)
@@ -4463,7 +4470,7 @@ def worker_setup(parent: int, progress=None) -> None:
 def leave_if_a_heal_is_running() -> None:
     """An interpreter that shuts down under a heal thread still inside torch aborts ("terminate called
     without an active exception"): leave at once instead; everything worth keeping is sent already."""
-    if any(t.name == "heal" and t.is_alive() for t in threading.enumerate()):
+    if heal_thread_exists():
         os._exit(0)
 
 
@@ -4821,6 +4828,9 @@ def read_thresholds(path: str) -> dict:
         if not ok:
             raise ConfigError(f"threshold file {path}: {key} must be {'an integer' if want == 'int' else 'a number'}, "
                               f"got {_short(json.dumps(value))}")
+        problem = knob_problem(next(f for f in dataclasses.fields(Config) if f.name == key), values[key])
+        if problem:  # the file's mistake, not a flag's
+            raise ConfigError(f"threshold file {path}: {key} must be {problem}, got {_short(json.dumps(value))}")
     return values
 
 
@@ -5302,7 +5312,7 @@ def exit_process(code: int) -> None:
     if code >= 128:  # stopped by a signal: more of them must not cut the way out short
         for sig in STOPPING_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
-    if any(t.name == "heal" and t.is_alive() for t in threading.enumerate()):
+    if heal_thread_exists():
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError):
                 stream.flush()

@@ -583,3 +583,43 @@ def test_the_plots_show_what_they_name(default_run):
     assert low == 0 and high > default_run.run.cfg.fidi_threshold
     for fig in (bars, registry, dashboard):
         plt.close(fig)
+
+
+def test_a_bad_value_in_a_threshold_file_is_blamed_on_the_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.json").write_text('{"fidi_threshold": -5}')
+    assert shp.main(TINY + ["--thresholds", "t.json"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "threshold file t.json: fidi_threshold must be in [0, " in line and "--fidi-threshold" not in line
+
+
+def test_a_heal_thread_started_but_not_yet_running_counts_as_running(monkeypatch):
+    """Ctrl-C inside Thread.start leaves the heal thread listed but not alive yet: the exit must still
+    leave at once rather than shut the interpreter down under it."""
+    class Starting:
+        name = "heal"
+
+        def is_alive(self):
+            return False
+    monkeypatch.setattr(shp.threading, "enumerate", lambda: [Starting()])
+    assert shp.heal_thread_exists()
+    monkeypatch.setattr(shp.threading, "enumerate", lambda: [])
+    assert not shp.heal_thread_exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_stream_with_thread_heals_never_aborts(tmp_path):
+    """Ctrl-C at 20 moments of a stream whose heals run in a thread: 130 and one line each time, never
+    SIGABRT from an interpreter shut down under a heal thread."""
+    import random
+    rng = random.Random(5)
+    for trial in range(20):
+        out = tmp_path / str(trial)
+        out.mkdir()
+        run = _start(TINY + LONG_STREAM + ["--heal-worker", "thread", "--heal-steps", "20"], out)
+        _wait_for_stream(out, run)
+        time.sleep(rng.uniform(0.0, 0.5))
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=60)
+        assert run.returncode == 130 and "terminate called" not in err, (trial, run.returncode, err[-500:])
+        _one_error_line(err)
