@@ -1153,9 +1153,8 @@ class ThreadHeals:
 
 
 def heal_thread_exists() -> bool:
-    """Whether a heal thread runs, or has been started and is not running yet: is_alive() is False then,
-    but threading.enumerate() lists it, and an interpreter that shuts down under it aborts once it is
-    inside torch ("terminate called without an active exception")."""
+    """Whether a heal thread runs or is starting (is_alive() is False then, but threading.enumerate() lists
+    it): an interpreter that shuts down under one inside torch aborts ("terminate called ...")."""
     return any(t.name == "heal" for t in threading.enumerate())
 
 
@@ -1854,27 +1853,17 @@ class _Bucket:
 
 
 class ADWIN:
-    """ADWIN (Bifet and Gavalda, 2007): an adaptive window over a stream of numbers that drops its
-    older part when the means of the two parts differ by more than chance allows (confidence delta).
+    """ADWIN (Bifet and Gavalda, 2007): an adaptive window over a stream of numbers that drops its older
+    part when the means of the two parts differ by more than chance allows. This is ADWIN2: row i of the
+    window holds up to max_buckets buckets of 2**i values, so a window of n values costs O(log n) memory
+    and a check of every cut as much time.
 
-    This is ADWIN2, the version with exponential buckets: row i of the window holds up to
-    `max_buckets` buckets of 2**i values each, so that a window of n values costs
-    O(max_buckets * log n) memory and a check of every cut costs as much time.
-
-    delta: the false alarm probability the bound allows for one check of the whole window;
-        smaller means fewer false alarms and later detections.
-    clock: check the cuts every `clock` values only (1 is every value), as checking is the
-        expensive part; a change is then seen up to clock - 1 values late.
-    max_buckets: buckets per row before the two oldest of the row merge into the next row;
-        more buckets give finer cut points and cost more time.
-    min_window_length: both parts of a cut must hold at least this many values, so that
-        one odd value cannot make a mean on its own.
-    grace_period: no check until the window holds more than this many values.
-
-    After a change the window keeps only its newer part and goes on; it does not start
-    again from empty. So a large change is usually reported a few more times while the
-    last of the old values leave the window.
-    """
+    delta: the false alarm probability the bound allows for one check of the whole window. clock: check
+    the cuts every `clock` values only (a change is seen up to clock - 1 values late). max_buckets:
+    buckets per row before the row's two oldest merge into the next (more: finer cuts, more time).
+    min_window_length: values each part of a cut must hold. grace_period: no check until the window
+    holds more than this many values. After a change the window keeps its newer part and goes on, so a
+    large change is usually reported a few more times while the last old values leave."""
 
     def __init__(self, delta: float = 0.002, clock: int = 32, max_buckets: int = 5,
                  min_window_length: int = 5, grace_period: int = 10):
