@@ -4026,7 +4026,10 @@ def atomic_file(path: Path, binary: bool = False):
         os.chmod(temporary, 0o666 & ~umask())  # as an ordinary file would be, not tempfile's owner-only 0600
         yield f
         f.close()
-        os.replace(temporary, path)
+        if HELD_BACK is not None:  # inside outputs_together: put in place with the others, at its end
+            HELD_BACK.append((temporary, path))
+        else:
+            os.replace(temporary, path)
     except BaseException as e:
         with contextlib.suppress(OSError):  # a full disk fails the last flush too; the file goes all the same
             f.close()
@@ -4034,6 +4037,26 @@ def atomic_file(path: Path, binary: bool = False):
         if isinstance(e, OSError):  # name the file that could not be written, not its temporary
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
+
+HELD_BACK: Optional[list] = None  # (temporary, path) of files written inside outputs_together, not yet in place
+
+
+@contextlib.contextmanager
+def outputs_together():
+    """The files written in this block (by this process) are put in place at its end, all of them, with
+    stop signals held for the moment that takes, or none: a run stopped midway leaves the previous run's
+    outputs as they were, not a mix of two runs."""
+    global HELD_BACK
+    HELD_BACK = held = []
+    try:
+        yield
+        with stop_signals_held():
+            while held:
+                os.replace(*held.pop(0))
+    finally:
+        HELD_BACK = None
+        for temporary, _ in held:
+            Path(temporary).unlink(missing_ok=True)
 
 def write_atomic(path: Path, text: str) -> None:
     with atomic_file(path) as f:
@@ -5008,14 +5031,17 @@ def run_bench(cfg: Config, out: Path, console: Callable[[str], None], merged: li
 
 def report_and_write(lines: list[str], write_table: Callable, plot: Callable, figure: str, cfg: Config,
                      console: Callable[[str], None]) -> None:
-    """A bench's or the images' report printed, its CSV and the threshold file written, then its figure."""
+    """A bench's or the images' report printed, then its CSV, the threshold file and its figure written together."""
     for line in lines:
         console(line)
-    out = Path(cfg.out)
-    console(f"\nWrote {write_table(out / 'monitoring_export')}")
-    write_threshold_config(out / "monitoring_export", cfg)
-    if not cfg.no_plots:
-        console(f"Wrote {write_figure(plot, out / 'plots', figure)}")
+    out, written = Path(cfg.out), []
+    with outputs_together():
+        written.append(write_table(out / "monitoring_export"))
+        write_threshold_config(out / "monitoring_export", cfg)
+        if not cfg.no_plots:
+            written.append(write_figure(plot, out / "plots", figure))
+    for k, path in enumerate(written):
+        console(("\n" if k == 0 else "") + f"Wrote {path}")
 
 
 def run_images(cfg: Config, console: Callable[[str], None]) -> int:

@@ -623,3 +623,21 @@ def test_ctrl_c_mid_stream_with_thread_heals_never_aborts(tmp_path):
         _, err = run.communicate(timeout=60)
         assert run.returncode == 130 and "terminate called" not in err, (trial, run.returncode, err[-500:])
         _one_error_line(err)
+
+
+def test_a_bench_stopped_while_writing_leaves_the_previous_outputs_whole(tmp_path, monkeypatch, capsys):
+    """Ctrl-C after bench.csv and the threshold file are written but before the figure is: neither is put
+    in place, so --out keeps the previous bench's outputs together, as the message says."""
+    bench = TINY + ["--bench", "--seeds", "1", "--out", str(tmp_path)]
+    assert shp.main(bench) == 0
+    before = {p: p.read_bytes() for p in (tmp_path / "monitoring_export").iterdir()}
+    real_write_figure = shp.write_figure
+
+    def interrupted(*args):
+        real_write_figure(*args)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(shp, "write_figure", interrupted)
+    assert shp.main([flag for flag in bench if flag != "--no-plots"] + ["--fn-cost", "900"]) == 130
+    assert {p: p.read_bytes() for p in (tmp_path / "monitoring_export").iterdir()} == before
+    assert not (tmp_path / "plots" / "bench.png").exists()
+    assert _temporaries(tmp_path) == []
