@@ -4318,7 +4318,8 @@ def write_threshold_config(directory: Path, cfg: MeasurementConfig) -> None:
 
 class Exports:
     """metrics.csv and events.json, streamed record by record into temporary files (memory stays flat
-    on long streams) and put in place, with threshold_config.json, only when the stream has ended."""
+    on long streams) and put in place, with threshold_config.json, only when the stream has ended (or,
+    inside outputs_together, with the run's other outputs)."""
 
     def __init__(self, directory: Path, cfg: MeasurementConfig):
         self.dir, self.cfg, self.n_events = Path(directory), cfg, 0
@@ -4450,6 +4451,14 @@ def draw_plots(data: PlotData, directory: Path, names) -> list[Path]:
     return [save_figure(plt, PLOTS[name](plt, data), directory / name) for name in names]
 
 
+def draw_plots_held_back(data: PlotData, directory: Path, names, hold: bool) -> tuple[list[Path], list]:
+    """draw_plots in a forked worker; with hold, the files are left under their temporary names, which
+    it returns with their paths, for the parent to put in place with its own (outputs_together)."""
+    global HELD_BACK
+    HELD_BACK = [] if hold else None
+    return draw_plots(data, directory, names), HELD_BACK or []
+
+
 def write_figure(build: Callable, directory: Path, name: str) -> Path:
     """One figure of Part IV's, drawn and saved as directory/name."""
     plt = pyplot()
@@ -4554,8 +4563,12 @@ def make_plots(run: Run, evaluation: Evaluation, directory: Path) -> list[Path]:
         return draw_plots(data, directory, names)
     pyplot()  # imported before the fork, so that the child has it too
     with process_pool(1, "fork") as pool:
-        other_half = pool.submit(draw_plots, data, directory, names[1::2])
-        return draw_plots(data, directory, names[0::2]) + other_half.result()
+        other_half = pool.submit(draw_plots_held_back, data, directory, names[1::2], HELD_BACK is not None)
+        paths = draw_plots(data, directory, names[0::2])
+        paths_there, held_there = other_half.result()
+        if HELD_BACK is not None:
+            HELD_BACK.extend(held_there)
+        return paths + paths_there
 
 
 class CountHere:
@@ -4950,13 +4963,15 @@ def run_article(cfg: Config, out: Path, console: Callable[[str], None]) -> int:
     """One seed: train, stream (printing and exporting each batch), evaluate, report, plot."""
     start = time.perf_counter()
     run = Run(cfg, train_models(cfg, train_side_by_side), keep_records=not cfg.no_plots)
-    serve_and_write(run, console, out / "monitoring_export")
-    evaluation = evaluate_run(run)
-    for line in report(run, evaluation, cfg.article_table):
-        console(line)
+    with outputs_together():  # the exports and the plots of one run, or none of them
+        serve_and_write(run, console, out / "monitoring_export")
+        evaluation = evaluate_run(run)
+        for line in report(run, evaluation, cfg.article_table):
+            console(line)
+        if not cfg.no_plots:
+            make_plots(run, evaluation, out / "plots")
     console(f"\nExported metrics.csv, events.json and threshold_config.json to {out / 'monitoring_export'}")
     if not cfg.no_plots:
-        make_plots(run, evaluation, out / "plots")
         console(f"Wrote {len(PLOTS)} plots to {out / 'plots'}")
     since_start = seconds_since_process_start()
     console(f"Done in {time.perf_counter() - start:.1f} s"
@@ -4970,14 +4985,9 @@ def run_seed_sweep(cfg: Config, console: Callable[[str], None] = print, workers:
     workers = workers or min(len(configs), os.cpu_count() or 1)
     console(f"Running seeds {configs[0].seed}..{configs[-1].seed} in {_count(workers, 'process')}.")
     summaries = map_in_processes(summarise_seed, configs, workers, Progress("sweep", len(configs), "seeds"))
-    for line in sweep_report(summaries, sweep_spread(summaries)):
-        console(line)
-    exports = Path(cfg.out) / "monitoring_export"
-    console(f"Wrote {write_sweep_csv(summaries, exports)}")
-    write_threshold_config(exports, cfg)
-    if not cfg.no_plots:
-        figure = write_figure(lambda plt: plot_seed_sweep(plt, summaries), Path(cfg.out) / "plots", "seed_sweep.png")
-        console(f"Wrote {figure}")
+    report_and_write(sweep_report(summaries, sweep_spread(summaries)),
+                     lambda folder: write_sweep_csv(summaries, folder), lambda plt: plot_seed_sweep(plt, summaries),
+                     "seed_sweep.png", cfg, console)
     return summaries
 
 
@@ -5031,7 +5041,8 @@ def run_bench(cfg: Config, out: Path, console: Callable[[str], None], merged: li
 
 def report_and_write(lines: list[str], write_table: Callable, plot: Callable, figure: str, cfg: Config,
                      console: Callable[[str], None]) -> None:
-    """A bench's or the images' report printed, then its CSV, the threshold file and its figure written together."""
+    """A bench's, a sweep's or the images' report printed, then its CSV, the threshold file and its figure
+    written together."""
     for line in lines:
         console(line)
     out, written = Path(cfg.out), []

@@ -641,3 +641,23 @@ def test_a_bench_stopped_while_writing_leaves_the_previous_outputs_whole(tmp_pat
     assert {p: p.read_bytes() for p in (tmp_path / "monitoring_export").iterdir()} == before
     assert not (tmp_path / "plots" / "bench.png").exists()
     assert _temporaries(tmp_path) == []
+
+
+def test_a_run_stopped_while_plotting_leaves_the_previous_exports_whole(tmp_path, monkeypatch, capsys):
+    """The article run's exports and plots go in place together: Ctrl-C while the plots are drawn leaves
+    the previous run's metrics.csv, events.json and threshold file, not this run's beside old plots."""
+    monkeypatch.chdir(tmp_path)
+    with_plots = [flag for flag in TINY if flag != "--no-plots"]
+    assert shp.main(with_plots) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "monitoring_export").iterdir()}
+    plots_before = {p.name: p.read_bytes() for p in (tmp_path / "plots").iterdir()}
+    real_draw = shp.draw_plots
+
+    def stopped_midway(data, directory, names):
+        real_draw(data, directory, names[:1])
+        raise KeyboardInterrupt
+    monkeypatch.setattr(shp, "draw_plots", stopped_midway)
+    assert shp.main(with_plots + ["--seed", "7"]) == 130
+    assert {p.name: p.read_bytes() for p in (tmp_path / "monitoring_export").iterdir()} == before
+    assert {p.name: p.read_bytes() for p in (tmp_path / "plots").iterdir()} == plots_before
+    assert _temporaries(tmp_path) == []
