@@ -2461,8 +2461,8 @@ def bench_rows(scenario: str, methods: Iterable[str], trained: Trained, cfg: Mea
     def cost(run: Served) -> float:
         flagged = np.concatenate([p > threshold for p, threshold in zip(run.proba, run.thresholds)])
         return cost_per_1000(classify(y, flagged), cfg)
-    none_cost, normal_share, gap = cost(served["none"]), 1 - float(y.mean()), cost(served["none"]) - ceiling.cost
-    rows = []
+    none_cost, normal_share = cost(served["none"]), 1 - float(y.mean())
+    gap, rows = none_cost - ceiling.cost, []
     for method in methods:
         p = np.concatenate(served[method].proba)
         at_half, method_cost = metrics_at(y, p), cost(served[method])

@@ -169,3 +169,13 @@ def test_end_to_end_cli_writes_plots_and_exports(tmp_path):
     assert all((tmp_path / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
     assert sorted(p.name for p in (tmp_path / "monitoring_export").iterdir()) == \
         ["events.json", "metrics.csv", "threshold_config.json"]
+
+
+def test_the_committed_threshold_file_is_the_default_runs_with_this_code():
+    """monitoring_export/threshold_config.json, as committed: the default run's thresholds and settings,
+    with every field the configuration has now (a stale copy would lack the newer ones)."""
+    from conftest import SCRIPT
+    committed = json.loads((SCRIPT.parent / "monitoring_export" / "threshold_config.json").read_text())
+    default = shp.Config()
+    assert committed["run"]["config"] == json.loads(json.dumps(shp._json_safe(shp.dataclasses.asdict(default))))
+    assert {k: v for k, v in committed.items() if k != "run"} == shp.threshold_dict(default)
