@@ -2528,9 +2528,10 @@ def run_bench_cells(cfg: MeasurementConfig, cells: list[BenchCell],
     for cell in cells:
         if cell.seed not in seed_work:
             seed_work = {cell.seed: bench_seed(cfg, cell.seed)}  # cells come seed by seed
-        rows += bench_cell(cfg, seed_work[cell.seed], cell)
+        cell_rows = bench_cell(cfg, seed_work[cell.seed], cell)
+        rows += cell_rows
         if done:
-            done(cell, rows[-len(HEAL_METHODS):])
+            done(cell, cell_rows)
     return rows
 
 
@@ -4043,9 +4044,8 @@ HELD_BACK: Optional[list] = None  # (temporary, path) of files written inside ou
 
 @contextlib.contextmanager
 def outputs_together():
-    """The files written in this block (by this process) are put in place at its end, all of them, with
-    stop signals held for the moment that takes, or none: a run stopped midway leaves the previous run's
-    outputs as they were, not a mix of two runs."""
+    """The files this process writes in the block go in place at its end, all of them (stop signals held
+    meanwhile) or none: a run stopped midway leaves the previous run's outputs, not a mix of two runs."""
     global HELD_BACK
     HELD_BACK = held = []
     try:
