@@ -1369,7 +1369,7 @@ SUPERVISION_MODES = ("labels", "rules", "delayed")
 SCENARIOS = ("article", "stationary", "offset", "gradual", "recurring", "prior", "covariate")
 # The bench's two extension points, one table each, filled where their entries are defined below: a new
 # method or detector is one entry there (the flags' choices are these tables).
-HEAL_METHODS: dict = {}  # name -> the StreamMethod class, or Select, which reads theirs ("Methods", below)
+HEAL_METHODS: dict = {}  # name -> the StreamMethod class, or a selector, which reads theirs ("Methods", below)
 DETECTORS: dict = {}     # name -> (title, factory(trained, cfg)) ("Detectors that see every drift", below)
 
 
@@ -1393,10 +1393,10 @@ class MeasurementConfig(EngineConfig):
                                      "this", "[0, 1]")
     retrain_steps: int = knob(50, "Adam steps of each refit of the head by retrain", "[1, 1000000]")
     retrain_lr: float = knob(0.01, "Adam learning rate of retrain's refits", "(0, 1]")
-    select_window: int = knob(1000, "latest labelled batches over which select compares each challenger's cost "
-                              "with the champion's", "[3, 1000000]")
-    select_z: float = knob(1.0, "select changes champion when a challenger is cheaper by more than this many "
-                           "standard errors of the paired difference", "[0, 100]")
+    champion_window: int = knob(1000, "latest labelled batches over which champion compares each challenger's "
+                                "cost with the champion's", "[3, 1000000]")
+    champion_z: float = knob(1.0, "champion changes when a challenger is cheaper by more than this many standard "
+                             "errors of the paired difference", "[0, 100]")
     detector: str = knob("fidi", "what triggers the heal: fidi (the article's), adwin (on each row's V14) or ks "
                          "(a KS test of the model's probabilities)", choices=DETECTORS)
     adwin_delta: float = knob(0.002, "ADWIN's confidence: the chance of a false alarm per check of its window",
@@ -2312,10 +2312,14 @@ def make_method(name: str, trained: Trained, cfg: MeasurementConfig) -> StreamMe
 @dataclass
 class Served:
     """What a method served on one stream: on each batch its probabilities and the threshold above which
-    it flagged fraud; and on how many batches it changed what it serves."""
+    it flagged fraud (one per row where select drew each row's answer from another candidate); and on how
+    many batches it changed what it serves. A selector also keeps every candidate's cost on every batch
+    (batches x candidates) and, for select, what its guarantee allows on this stream (regret_bounds)."""
     proba: list = field(default_factory=list)
     thresholds: list = field(default_factory=list)
     adaptations: int = 0
+    candidate_costs: Optional[np.ndarray] = None
+    regret_bounds: tuple = (math.nan, math.nan)  # (from this stream's mixability gaps, worst case), per batch
 
 
 def serve_stream(method: StreamMethod, batches: list) -> Served:
@@ -2332,50 +2336,178 @@ def serve_stream(method: StreamMethod, batches: list) -> Served:
     return served
 
 
+# Select's candidates: name -> the --supervision it runs with, where not the bench's (select's heal gets its
+# labels as late as select does). A method added to the bench is a candidate only once it is named here.
+CANDIDATES = {"none": None, "calibrated": None, "heal": "delayed", "heal-rules": None, "restandardize": None,
+              "tent": None, "em-prior": None, "rethreshold": None, "retrain": None}
+
+
+def candidate_costs(runs: dict[str, Served], t: int, y: np.ndarray, cfg: MeasurementConfig) -> np.ndarray:
+    """What each candidate's decisions on batch t cost, per 1,000 rows, once its labels y are known."""
+    return np.array([cost_per_1000(classify(y, runs[name].proba[t] > runs[name].thresholds[t]), cfg)
+                     for name in CANDIDATES])
+
+
+class FixedShare:
+    """Prediction with expert advice: exponential weights with fixed share, its learning rate AdaHedge's.
+
+    After each round every expert's loss is seen. Each weight is multiplied by exp(-eta * loss), and
+    then a share alpha of the whole is spread evenly over the experts (fixed share, Herbster and Warmuth
+    1998), so that an expert which was poor keeps weight alpha / K and can take over within about
+    ln(K / alpha) / (eta * its lead per round) rounds once it is the better one. alpha = 1 / T for a
+    T-round stream. The learning rate needs neither T nor the range of the losses: eta = C / Delta
+    (de Rooij, van Erven, Grunwald and Koolen 2014), Delta being the mixability gaps summed so far (what
+    the forecaster's expected loss exceeded the mix loss by; infinite until the first gap: follow the
+    leader), with C = 2 ln(K / alpha) + T ln(1 / (1 - alpha)).
+
+    Guarantee, on any losses: against every sequence of experts with at most one switch (one expert
+    throughout is such a sequence), the expected loss exceeds the sequence's by at most 2 Delta_T <=
+    S sqrt(T (C + 4)), S the largest spread of the losses within a round. (Mirror descent with fixed
+    share: each round, forecaster minus sequence = (KL(u || w) - KL(u || w'))/eta + delta; fixed share
+    keeps every weight >= alpha / K, so the KL terms telescope to C / eta_T <= Delta_T as eta falls;
+    and delta <= min(S, eta S^2 / 8) gives Delta_T^2 <= T S^2 (C / 4 + 1).) With m switches, C grows
+    to (m + 1) ln(K / alpha) + T ln(1 / (1 - alpha)) and the bound to (C_m / C + 1) Delta_T."""
+
+    def __init__(self, n_experts: int, n_rounds: int):
+        self.n_experts, self.n_rounds = n_experts, max(1, n_rounds)
+        self.share = min(1.0 / self.n_rounds, 0.5)
+        self.budget = self.switch_budget(1)
+        self.weights = np.full(n_experts, 1.0 / n_experts)
+        self.gap, self.spread = 0.0, 0.0  # Delta, and S so far
+
+    def switch_budget(self, switches: int) -> float:
+        """C for sequences with this many switches."""
+        return ((switches + 1) * math.log(self.n_experts / self.share)
+                + self.n_rounds * math.log(1 / (1 - self.share)))
+
+    @property
+    def learning_rate(self) -> float:
+        return self.budget / self.gap if self.gap > 0 else math.inf
+
+    def update(self, losses: np.ndarray) -> None:
+        eta, lowest = self.learning_rate, float(losses.min())
+        if math.isinf(eta):  # follow the leader: the weight stays on the round's best
+            kept, mix_loss = self.weights * (losses == lowest), lowest
+        else:
+            kept = self.weights * np.exp(-eta * (losses - lowest))
+            mix_loss = lowest - math.log(kept.sum()) / eta
+        self.gap += max(0.0, float(self.weights @ losses) - mix_loss)
+        self.spread = max(self.spread, float(losses.max()) - lowest)
+        self.weights = (1 - self.share) * kept / kept.sum() + self.share / self.n_experts
+
+    def regret_bound(self, switches: int = 1) -> float:
+        """What the guarantee allows, from the gaps seen: against sequences with this many switches."""
+        return (self.switch_budget(switches) / self.budget + 1) * self.gap
+
+    def worst_case_bound(self) -> float:
+        """The guarantee for any losses whose spread within a round stays within the largest one seen."""
+        return self.spread * math.sqrt(self.n_rounds * (self.budget + 4))
+
+
+class LateExperts:
+    """Experts whose losses arrive `delay` rounds late, by the black-box reduction of Joulani, Gyorgy and
+    Szepesvari (2013): delay + 1 FixedShare forecasters take the rounds in turn, each learning only from
+    its own rounds, whose losses have always arrived by its next turn. Its guarantee is the sum of theirs,
+    each over about T / (delay + 1) rounds."""
+
+    def __init__(self, n_experts: int, n_rounds: int, delay: int):
+        self.forecasters = [FixedShare(n_experts, len(range(j, n_rounds, delay + 1))) for j in range(delay + 1)]
+
+    def weights(self, t: int) -> np.ndarray:
+        return self.forecasters[t % len(self.forecasters)].weights
+
+    def learn(self, t: int, losses: np.ndarray) -> None:
+        self.forecasters[t % len(self.forecasters)].update(losses)
+
+    def regret_bound(self, switches: int = 1) -> float:
+        return sum(f.regret_bound(switches) for f in self.forecasters)
+
+    def worst_case_bound(self) -> float:
+        return sum(f.worst_case_bound() for f in self.forecasters)
+
+
 class Select:
-    """Champion and challengers. The CANDIDATES run in shadow on every batch and the champion's answers
-    are served, `calibrated` first. Labels arrive --label-delay batches late; each candidate's own
-    decisions on that batch, at its own threshold, are then priced. A challenger takes over when, over
-    the last --select-window labelled batches (by default all of them: the best method so far, which is
-    what the best single method is in hindsight), it cost less than the champion by more than --select-z
-    standard errors of the paired difference: on evidence, not on one lucky batch. The window and the
-    margin were chosen on seeds 0-4, not on the bench's seeds.
+    """The self-healer that picks the fix: prediction with expert advice over the CANDIDATES.
+
+    Every candidate runs in shadow on every batch; labels arrive --label-delay batches late, and then
+    each candidate's own decisions on that batch, at its own threshold, are priced: every candidate's
+    cost is seen, the full-information setting. LateExperts weigh them (fixed share, AdaHedge's learning
+    rate), and each row of a batch is answered by one candidate drawn by the weights, so that select's
+    expected cost on the batch is the weighted mean of theirs. The guarantee: against the best candidate,
+    or the best sequence of candidates with one switch, select's expected cost over T batches exceeds
+    theirs by at most sum_j S sqrt(T_j (C_j + 4)) (T_j ~ T / (d + 1), d the label delay, S the largest
+    spread of the candidates' costs on a batch), and by at most 2 sum_j Delta_j on the gaps the stream
+    produced (FixedShare). Nothing here was tuned on the bench.
 
     What a candidate learns from is the stream (labels or inputs), never what select serves, so select
     is read off its candidates' own runs on the same stream (serve): nothing runs twice."""
-    # name -> the --supervision it runs with, where not the bench's: select's heal gets its labels as late
-    # as select does. A method added to the bench is a challenger only once it is named here.
-    CANDIDATES = {"none": None, "calibrated": None, "heal": "delayed", "heal-rules": None, "restandardize": None,
-                  "tent": None, "em-prior": None, "rethreshold": None, "retrain": None}
 
     def __init__(self, cfg: MeasurementConfig):
-        self.cfg, self.champion = cfg, "calibrated"
-        self.costs = {name: deque(maxlen=cfg.select_window) for name in self.CANDIDATES}
+        self.cfg, self.experts = cfg, LateExperts(len(CANDIDATES), cfg.n_batches, cfg.label_delay)
+        self.draws = np.random.RandomState(cfg.seed)
 
     def serve(self, runs: dict[str, Served], labels: list) -> Served:
         """What select serves, given each candidate's run and each batch's labels (read only once they
         have arrived)."""
-        served, labelled = Served(), LateArrivals(self.cfg.label_delay)
+        names, leader, labelled = list(CANDIDATES), None, LateArrivals(self.cfg.label_delay)
+        served = Served(candidate_costs=np.zeros((len(labels), len(names))))
+        for t, y in enumerate(labels):
+            weights, rows = self.experts.weights(t), np.arange(len(runs[names[0]].proba[t]))
+            drawn = self.draws.choice(len(names), size=len(rows), p=weights)
+            served.proba.append(np.stack([runs[name].proba[t] for name in names])[drawn, rows])
+            served.thresholds.append(np.array([runs[name].thresholds[t] for name in names])[drawn])
+            served.adaptations += leader is not None and names[int(weights.argmax())] != leader
+            leader = names[int(weights.argmax())]
+            arrived = labelled.push((t, y))
+            if arrived is not None:
+                self.learn(served, runs, *arrived)
+        for arrived in labelled.pending:  # after the stream: what the guarantee is measured on, not served
+            self.learn(served, runs, *arrived)
+        served.regret_bounds = (self.experts.regret_bound() / len(labels),
+                                self.experts.worst_case_bound() / len(labels))
+        return served
+
+    def learn(self, served: Served, runs: dict, t: int, y: np.ndarray) -> None:
+        served.candidate_costs[t] = candidate_costs(runs, t, y, self.cfg)
+        self.experts.learn(t, served.candidate_costs[t])
+
+
+class Champion:
+    """champion: select's rule before it had a guarantee, kept to measure what the guarantee costs.
+    The CANDIDATES run in shadow and the champion's answers are served, `calibrated` first. As labels
+    arrive, each candidate's decisions are priced; a challenger takes over when, over the last
+    --champion-window labelled batches (by default all of them), it cost less than the champion by more
+    than --champion-z standard errors of the paired difference. The window and the margin were chosen on
+    seeds 0-4 at the default drift strength; the rule has no guarantee."""
+
+    def __init__(self, cfg: MeasurementConfig):
+        self.cfg, self.champion = cfg, "calibrated"
+        self.costs = {name: deque(maxlen=cfg.champion_window) for name in CANDIDATES}
+
+    def serve(self, runs: dict[str, Served], labels: list) -> Served:
+        served = Served(candidate_costs=np.zeros((len(labels), len(CANDIDATES))))
+        labelled = LateArrivals(self.cfg.label_delay)
         for t, y in enumerate(labels):
             served.proba.append(runs[self.champion].proba[t])
             served.thresholds.append(runs[self.champion].thresholds[t])
             arrived = labelled.push((t, y))
             if arrived is None:
                 continue
-            t_labelled, y_labelled = arrived
-            for name in self.costs:
-                flagged = runs[name].proba[t_labelled] > runs[name].thresholds[t_labelled]
-                self.costs[name].append(cost_per_1000(classify(y_labelled, flagged), self.cfg))
+            served.candidate_costs[arrived[0]] = candidate_costs(runs, *arrived, self.cfg)
+            for name, cost in zip(CANDIDATES, served.candidate_costs[arrived[0]]):
+                self.costs[name].append(cost)
             challenger = self.best_challenger()
             if challenger is not None:
                 self.champion = challenger
                 served.adaptations += 1
+        for t, y in labelled.pending:  # after the stream: for the regret in hindsight, not served
+            served.candidate_costs[t] = candidate_costs(runs, t, y, self.cfg)
         return served
 
     def best_challenger(self) -> Optional[str]:
-        """The challenger most surely cheaper than the champion, if one is by more than select_z."""
+        """The challenger most surely cheaper than the champion, if one is by more than champion_z."""
         champion = np.array(self.costs[self.champion])
-        best, best_z = None, self.cfg.select_z
+        best, best_z = None, self.cfg.champion_z
         if len(champion) < 3:
             return None
         for name, costs in self.costs.items():
@@ -2387,9 +2519,21 @@ class Select:
         return best
 
 
+def best_sequence_cost(costs: np.ndarray, switches: int) -> float:
+    """The mean cost per batch of the best sequence of candidates with at most this many switches, in
+    hindsight (costs: batches x candidates)."""
+    best = np.full((switches + 1, costs.shape[1]), np.inf)
+    best[0] = costs[0]  # best[m, k]: the cheapest sequence so far with m switches, now on candidate k
+    for row in costs[1:]:
+        switched = np.concatenate([[np.inf], best[:-1].min(axis=1)])
+        best = np.minimum(best, switched[:, None]) + row
+    return float(best.min() / len(costs))
+
+
+SELECTORS = {"select": Select, "champion": Champion}  # read their candidates' runs, run nothing themselves
 HEAL_METHODS.update({"none": StreamMethod, "calibrated": Calibrated, "heal": HealMethod, "heal-rules": HealRules,
                      "restandardize": Restandardize, "tent": Tent, "em-prior": EMPrior, "rethreshold": Rethreshold,
-                     "retrain": Retrain, "select": Select})  # in the bench's order
+                     "retrain": Retrain, **SELECTORS})  # in the bench's order
 
 
 # -- The bench: every scenario against every method
@@ -2420,6 +2564,13 @@ class BenchRow:
     fidi_false_alarms: float = math.nan
     adwin_false_alarms: float = math.nan
     ks_false_alarms: float = math.nan
+    # a selector's regret, per 1,000 rows (NaN for the other methods): in hindsight, the mean cost of the
+    # best single candidate and of the best sequence of candidates with one switch; and what select's
+    # guarantee allows its expected cost to exceed them by, on this stream's gaps and in the worst case
+    best_single_cost: float = math.nan
+    best_switching_cost: float = math.nan
+    regret_bound: float = math.nan
+    worst_case_bound: float = math.nan
 
 
 BENCH_FIGURES = ("accuracy", "f1", "roc_auc", "cost", "kappa", "gap_closed", "adaptations_per_1000")
@@ -2434,8 +2585,8 @@ def detection_figures(delays: dict, alarms: dict) -> dict:
 
 def stream_runs(batches: list, methods: Iterable[str], trained: Trained, cfg: MeasurementConfig) -> dict:
     """Method -> what it served on the batches, for `methods` and `none` (which every row is measured
-    against). Each method runs once; select is read off its candidates' runs, and a candidate runs once
-    more only where select runs it with other settings than the bench does."""
+    against). Each method runs once; the selectors are read off their candidates' runs, and a candidate
+    runs once more only where they run it with other settings than the bench does."""
     runs: dict = {}
 
     def run(name: str, supervision: Optional[str] = None) -> Served:
@@ -2444,10 +2595,10 @@ def stream_runs(batches: list, methods: Iterable[str], trained: Trained, cfg: Me
             runs[key] = serve_stream(make_method(name, trained, dataclasses.replace(cfg, supervision=key[1])),
                                      batches)
         return runs[key]
-    served = {name: run(name) for name in dict.fromkeys([*methods, "none"]) if name != "select"}
-    if "select" in methods:
-        candidates = {name: run(name, supervision) for name, supervision in Select.CANDIDATES.items()}
-        served["select"] = Select(cfg).serve(candidates, [y for _, y in batches])
+    served = {name: run(name) for name in dict.fromkeys([*methods, "none"]) if name not in SELECTORS}
+    for name in [name for name in methods if name in SELECTORS]:
+        candidates = {candidate: run(candidate, supervision) for candidate, supervision in CANDIDATES.items()}
+        served[name] = SELECTORS[name](cfg).serve(candidates, [y for _, y in batches])
     return served
 
 
@@ -2471,8 +2622,17 @@ def bench_rows(scenario: str, methods: Iterable[str], trained: Trained, cfg: Mea
             (at_half.accuracy - normal_share) / (1 - normal_share) if normal_share < 1 else math.nan,
             (none_cost - method_cost) / gap if gap > MIN_GAP * none_cost else math.nan,
             1000 * served[method].adaptations / cfg.n_batches, ceiling.accuracy, ceiling.roc_auc, ceiling.cost,
-            **(detection or {})))
+            **(detection or {}), **regret_figures(served[method])))
     return rows
+
+
+def regret_figures(run: Served) -> dict:
+    """A selector's comparators in hindsight and select's bounds, as BenchRow names them (none otherwise)."""
+    if run.candidate_costs is None:
+        return {}
+    return dict(best_single_cost=float(run.candidate_costs.mean(axis=0).min()),
+                best_switching_cost=best_sequence_cost(run.candidate_costs, 1),
+                regret_bound=run.regret_bounds[0], worst_case_bound=run.regret_bounds[1])
 
 
 @dataclass(frozen=True)
@@ -3639,7 +3799,71 @@ def bench_report(rows: list[BenchRow], cfg: MeasurementConfig) -> list[str]:
             f"flagging P(fraud) > {cost_threshold(cfg):.3f} = fp/(fp+fn) (rethreshold: its learned threshold);",
             f"gap closed = (cost of none - cost) / (cost of none - Bayes cost), costs averaged over the seeds; "
             f"'-' where none is within {100 * MIN_GAP:.0f}% of the Bayes cost.",
-            *text_table(header, table, "<" + ">" * len(BENCH_COLUMNS)), *detector_report(rows)]
+            *text_table(header, table, "<" + ">" * len(BENCH_COLUMNS)), *detector_report(rows),
+            *regret_report(rows)]
+
+
+def regret_report(rows: list[BenchRow]) -> list[str]:
+    """Per scenario, select's regret to the best single candidate and to the best one-switch sequence, in
+    hindsight, beside what its guarantee allows, and champion's regret: means over the seeds."""
+    def mean(scenario, method, figure):
+        return float(np.mean([figure(r) for r in rows if r.scenario == scenario and r.method == method]))
+    table = []
+    for scenario in [s for s in SCENARIOS if any(r.scenario == s and r.method == "select" for r in rows)]:
+        table.append([scenario] + [_num(mean(scenario, "select", figure), "+,.0f") for figure in (
+            lambda r: r.cost - r.best_single_cost, lambda r: r.cost - r.best_switching_cost,
+            lambda r: r.regret_bound, lambda r: r.worst_case_bound)]
+            + ([_num(mean(scenario, "champion", lambda r: r.cost - r.best_single_cost), "+,.0f")]
+               if any(r.scenario == scenario and r.method == "champion" for r in rows) else ["-"]))
+    return ["", "select's regret, per 1,000 rows, means over the seeds: its cost minus the best single candidate's "
+                "and minus the best sequence of candidates",
+            "with one switch, both in hindsight on each stream; then what its guarantee allows its expected cost "
+            "to exceed either by,",
+            "from the stream's own mixability gaps and for any losses as spread as the stream's; and champion's "
+            "regret to the best single candidate.",
+            *text_table(["scenario", "select - best", "- best 1-switch", "bound: this stream", "bound: any stream",
+                         "champion - best"], table, "<>>>>>")]
+
+
+GOAL_EXCESS, GOAL_STATIONARY = 0.10, 0.01  # of none's gap to the ceiling; of calibrated's cost
+
+
+def strength_sweep_report(runs: dict, cfg: MeasurementConfig) -> list[str]:
+    """runs: drift strength -> its bench's rows. Per scenario and strength: the best single method (the
+    lowest mean cost over the seeds, selectors aside), then select's and champion's excess over it, as a
+    share of none's gap to the Bayes ceiling (stationary: over calibrated, as a share of its cost)."""
+    table = []
+    for scenario in SCENARIOS:
+        for strength, rows in runs.items():
+            cost = {m: float(np.mean([r.cost for r in rows if r.scenario == scenario and r.method == m]))
+                    for m in HEAL_METHODS}
+            bayes = next(r.bayes_cost for r in rows if r.scenario == scenario)
+            best = min((m for m in HEAL_METHODS if m not in SELECTORS), key=cost.get)
+            gap = cost["none"] - bayes
+            if scenario == "stationary":
+                excess = {m: (cost[m] - cost["calibrated"]) / cost["calibrated"] for m in SELECTORS}
+                goal = "met" if excess["select"] <= GOAL_STATIONARY else "missed"
+            elif gap > MIN_GAP * cost["none"]:
+                excess = {m: (cost[m] - cost[best]) / gap for m in SELECTORS}
+                goal = "met" if excess["select"] <= GOAL_EXCESS and (
+                    scenario not in SHIFTING_SCENARIOS or cost["select"] < cost[best]) else "missed"
+            else:
+                excess, goal = {m: math.nan for m in SELECTORS}, "-"
+            table.append([scenario, _num(strength, "g"), _num(100 * gap / bayes, "+.1f") + "%", best,
+                          _num(cost[best], ",.0f"), _num(cost["select"], ",.0f"),
+                          _num(100 * excess["select"], "+.0f") + "%" if math.isfinite(excess["select"]) else "-",
+                          _num(100 * excess["champion"], "+.0f") + "%" if math.isfinite(excess["champion"]) else "-",
+                          goal])
+    seeds = sorted({r.seed for rows in runs.values() for r in rows})
+    return ["", f"Drift-strength sweep: seeds {seeds[0]}..{seeds[-1]}, {cfg.n_batches} batches of {cfg.batch_size} "
+                f"rows; costs per 1,000 rows, means over the seeds.",
+            f"excess: (cost - the best single method's) / (none's cost - the Bayes cost); on stationary, (cost - "
+            f"calibrated's) / calibrated's.",
+            f"goal: excess at most {100 * GOAL_EXCESS:.0f}% (on gradual and recurring also below the best single "
+            f"method), {100 * GOAL_STATIONARY:.0f}% on stationary; '-' where none is within "
+            f"{100 * MIN_GAP:.0f}% of the Bayes cost.",
+            *text_table(["scenario", "strength", "none - Bayes", "best single", "its cost", "select",
+                         "select excess", "champion excess", "goal"], table, "<>><>>>><")]
 
 
 def bench_fingerprint(cfg: MeasurementConfig) -> dict:
@@ -3650,14 +3874,16 @@ def bench_fingerprint(cfg: MeasurementConfig) -> dict:
 
 
 def possible(row: BenchRow, n_batches: int) -> bool:
-    """Shares within [0, 1] (or missing), costs and rates not negative, kappa at most 1, detection delays
+    """Shares within [0, 1] (or missing), costs, rates and bounds not negative, kappa at most 1, detection delays
     within the stream (or missing), false alarms at most 1,000 per 1,000 batches."""
     shares = (row.accuracy, row.f1, row.roc_auc, row.bayes_accuracy, row.bayes_auc)
     amounts = (row.cost, row.none_cost, row.bayes_cost, row.adaptations_per_1000)
     delays = (row.fidi_delay, row.adwin_delay, row.ks_delay)
     alarms = (row.fidi_false_alarms, row.adwin_false_alarms, row.ks_false_alarms)
+    regret = (row.best_single_cost, row.best_switching_cost, row.regret_bound, row.worst_case_bound)
     return (all(math.isnan(v) or 0 <= v <= 1 for v in shares) and all(v >= 0 for v in amounts)
-            and (math.isnan(row.kappa) or row.kappa <= 1) and all(math.isnan(v) or 0 <= v < n_batches for v in delays)
+            and all(math.isnan(v) or v >= 0 for v in regret) and (math.isnan(row.kappa) or row.kappa <= 1)
+            and all(math.isnan(v) or 0 <= v < n_batches for v in delays)
             and all(math.isnan(v) or 0 <= v <= 1000 for v in alarms))
 
 
@@ -4381,6 +4607,17 @@ def write_bench_csv(rows: list[BenchRow], directory: Path) -> Path:
     return write_csv(directory / "bench.csv", [f.name for f in dataclasses.fields(BenchRow)],
                      [dataclasses.asdict(r) for r in rows])
 
+def strengths_csv_name(cfg: MeasurementConfig) -> str:
+    return f"bench_strengths_{cfg.n_batches}_batches.csv"
+
+
+def write_strengths_csv(runs: dict, directory: Path, cfg: MeasurementConfig) -> Path:
+    """Every bench row of a --drift-strengths run, after the strength it ran at."""
+    columns = ["drift_strength", *(f.name for f in dataclasses.fields(BenchRow))]
+    return write_csv(directory / strengths_csv_name(cfg), columns, [{"drift_strength": strength, **dataclasses.asdict(r)}
+                                                                  for strength, rows in runs.items() for r in rows])
+
+
 def write_images_csv(rows: list[ImageRow], directory: Path) -> Path:
     return write_csv(directory / "images.csv", [f.name for f in dataclasses.fields(ImageRow)],
                      [dataclasses.asdict(r) for r in rows])
@@ -4690,6 +4927,21 @@ def is_archive_name(text: str) -> bool:
     return text == "" or (text.endswith(".mar") and re.fullmatch(r"[A-Za-z][\w-]*", Path(text).stem) is not None)
 
 
+def strengths(text: str) -> list[float]:
+    """--drift-strengths as numbers, in the order given, each once; [] for none or a malformed list."""
+    try:
+        values = [number(part.strip()) for part in text.split(",")] if text else []
+    except ValueError:
+        return []
+    return list(dict.fromkeys(values))
+
+
+def is_strength_list(text: str) -> bool:
+    """--drift-strengths' rule: none, or drift strengths that --drift-strength would take."""
+    values = strengths(text)
+    return text == "" or (bool(values) and all(math.isfinite(v) and -20 <= v <= 20 for v in values))
+
+
 def is_shard(text: str) -> bool:
     """--shard's rule: none, or K/N."""
     return text == "" or parse_shard(text) is not None
@@ -4711,6 +4963,9 @@ class Config(ImagesConfig):
                       (is_shard, "K/N with 0 <= K < N <= 999999"), role="run")
     merge: bool = knob(False, "with --bench, collect the cell files of all shards into the table, CSV and plot",
                        role="run")
+    drift_strengths: str = knob("", "with --bench, run the bench at each of these drift strengths (comma-separated) "
+                                "and print select against the best single method at each",
+                                (is_strength_list, "numbers in [-20, 20], comma-separated"), role="run")
     export_torchserve: str = knob("", "train as the article's run does, write a TorchServe archive of the model to "
                                   "this .mar file and stop (the handler is this script; see the README)",
                                   (is_archive_name, "a path ending in .mar"), role="run")
@@ -4723,11 +4978,12 @@ def sweep_configs(cfg: Config) -> list[Config]:
 
 
 def run_kind(cfg: Config) -> str:
-    """Which run the flags ask for: images, shard, bench, sweep, scenario (one scenario and method) or article."""
+    """Which run the flags ask for: images, shard, strengths (benches over drift strengths), bench, sweep,
+    scenario (one scenario and method) or article."""
     if cfg.export_torchserve or cfg.images:
         return "torchserve" if cfg.export_torchserve else "images"
     if cfg.bench:
-        return "shard" if cfg.shard else "bench"
+        return "shard" if cfg.shard else "strengths" if cfg.drift_strengths else "bench"
     if cfg.seeds > 1:
         return "sweep"
     return "article" if (cfg.scenario, cfg.heal_method) == ARTICLE_RUN else "scenario"
@@ -4800,6 +5056,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("--shard and --merge go with --bench")
     if cfg.shard and cfg.merge:
         raise ConfigError("--shard runs cells and --merge collects them: give one of the two")
+    if cfg.drift_strengths and (not cfg.bench or cfg.shard or cfg.merge):
+        raise ConfigError("--drift-strengths goes with --bench, whole in one run: drop --shard and --merge"
+                          if cfg.bench else "--drift-strengths goes with --bench")
     if not cfg.bench and not cfg.images and cfg.seeds > 1 and (cfg.scenario, cfg.heal_method) != ARTICLE_RUN:
         raise ConfigError("--seeds sweeps the article's run; for several seeds of --scenario or --heal-method, "
                           "use --bench")
@@ -5039,17 +5298,28 @@ def run_bench(cfg: Config, out: Path, console: Callable[[str], None], merged: li
     return 0
 
 
-def report_and_write(lines: list[str], write_table: Callable, plot: Callable, figure: str, cfg: Config,
+def run_strengths(cfg: Config, console: Callable[[str], None]) -> int:
+    """The whole bench at each drift strength in turn; select against the best single method at each."""
+    runs, cells, workers = {}, bench_cells(cfg.seed, cfg.seeds), min(cfg.seeds, os.cpu_count() or 1)
+    for strength in strengths(cfg.drift_strengths):
+        console(f"Drift strength {strength:g}: {_count(len(cells), 'cell')} in {_count(workers, 'process')}.")
+        runs[strength] = run_bench_in_processes(dataclasses.replace(cfg, drift_strength=strength), cells, workers)
+    report_and_write(strength_sweep_report(runs, cfg), lambda folder: write_strengths_csv(runs, folder, cfg), None, "",
+                     cfg, console)
+    return 0
+
+
+def report_and_write(lines: list[str], write_table: Callable, plot: Optional[Callable], figure: str, cfg: Config,
                      console: Callable[[str], None]) -> None:
     """A bench's, a sweep's or the images' report printed, then its CSV, the threshold file and its figure
-    written together."""
+    (if it has one) written together."""
     for line in lines:
         console(line)
     out, written = Path(cfg.out), []
     with outputs_together():
         written.append(write_table(out / "monitoring_export"))
         write_threshold_config(out / "monitoring_export", cfg)
-        if not cfg.no_plots:
+        if plot and not cfg.no_plots:
             written.append(write_figure(plot, out / "plots", figure))
     for k, path in enumerate(written):
         console(("\n" if k == 0 else "") + f"Wrote {path}")
@@ -5084,9 +5354,11 @@ def output_plan(cfg: Config) -> dict:
     if kind in ("scenario", "torchserve"):
         return {}
     exports, plots = {"bench": (["bench.csv"], ["bench.png"]), "sweep": (["seed_sweep.csv"], ["seed_sweep.png"]),
+                      "strengths": ([strengths_csv_name(cfg)], []),
                       "images": (["images.csv"], ["images.png"]),
                       "article": (["metrics.csv", "events.json"], list(PLOTS))}[kind]
-    return {"monitoring_export": exports + ["threshold_config.json"], **({} if cfg.no_plots else {"plots": plots})}
+    return {"monitoring_export": exports + ["threshold_config.json"], **({} if cfg.no_plots or not plots else
+                                                                          {"plots": plots})}
 
 
 OWNED_FOLDERS = ("monitoring_export", "plots", "bench_cells")  # every folder under --out a run may write in
@@ -5289,6 +5561,8 @@ def main(argv: list[str] = None) -> int:
                 code = run_images(cfg, console)
             elif kind in ("bench", "shard"):
                 code = run_bench(cfg, out, console, merged)
+            elif kind == "strengths":
+                code = run_strengths(cfg, console)
             elif kind == "sweep":
                 run_seed_sweep(cfg, console)
                 code = 0

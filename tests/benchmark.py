@@ -253,8 +253,8 @@ def bench_seed_profile(n_batches: int) -> None:
         return result
     trained = timed("training (both models)", shp.train_models, cfg)
     timed("false alarms (1,000 stationary batches)", shp.false_alarms, cfg, trained)
-    runs = [(name, None) for name in shp.HEAL_METHODS if name != "select"]
-    runs += [(name, s) for name, s in shp.Select.CANDIDATES.items() if s not in (None, cfg.supervision)]
+    runs = [(name, None) for name in shp.HEAL_METHODS if name not in shp.SELECTORS]
+    runs += [(name, s) for name, s in shp.CANDIDATES.items() if s not in (None, cfg.supervision)]
     for scenario in shp.SCENARIOS:
         timed("detection delays", shp.detection_delays, scenario, cfg, trained)
         timed("Bayes ceilings", shp.scenario_ceiling, scenario, cfg)

@@ -1,5 +1,7 @@
 """The scenario bench: ceilings, prequential methods, label-free methods, shards."""
+import collections
 import json
+import math
 
 import numpy as np
 import pytest
@@ -296,31 +298,118 @@ def test_progress_shows_at_most_every_few_seconds_then_when_done(monkeypatch, ca
     assert "about 2 s left" in lines[1] and "6 s elapsed" in lines[1]
 
 
-def test_select_reads_each_label_only_once_it_has_arrived(small_trained, monkeypatch):
-    """Labels arrive --label-delay batches late, for select and every candidate it runs: flipping the
-    labels of the last K batches (which never arrive) changes nothing it serves, and flipping batch
-    3's changes nothing served before batch 3 + K + 1."""
+@pytest.mark.parametrize("selector", shp.SELECTORS)
+def test_selectors_read_each_label_only_once_it_has_arrived(selector, small_trained, monkeypatch):
+    """Labels arrive --label-delay batches late, for the selectors and every candidate they run: flipping
+    the labels of the last K batches (which never arrive) changes nothing served, and flipping batch 3's
+    changes nothing served before batch 3 + K + 1."""
     k = 2
     cfg = shp.bench_config(shp.Config(**SMALL, label_delay=k))
-    true = _predictions(monkeypatch, "offset", "select", small_trained, cfg)
-    late = _predictions(monkeypatch, "offset", "select", small_trained, cfg,
+    true = _predictions(monkeypatch, "offset", selector, small_trained, cfg)
+    late = _predictions(monkeypatch, "offset", selector, small_trained, cfg,
                         scramble=range(cfg.n_batches - k + 1, cfg.n_batches + 1))
     assert len(true) == cfg.n_batches and all(np.array_equal(a, b) for a, b in zip(true, late))
-    third = _predictions(monkeypatch, "offset", "select", small_trained, cfg, scramble=[3])
+    third = _predictions(monkeypatch, "offset", selector, small_trained, cfg, scramble=[3])
     assert all(np.array_equal(a, b) for a, b in zip(true[:3 + k], third[:3 + k]))
+    assert not all(np.array_equal(a, b) for a, b in zip(true, third)), "the labels it reads do count"
 
 
-def test_select_changes_champion_only_on_evidence(small_trained):
-    """On a stationary stream it keeps serving the calibrated model; when one candidate is far cheaper
-    batch after batch, it takes over once select_window's test allows."""
-    cfg = shp.bench_config(shp.Config(**{**SMALL, "n_batches": 12}, label_delay=1, select_window=10, select_z=2.0))
-    select = shp.Select(cfg)
-    select.costs = {name: __import__("collections").deque([100.0, 101.0, 99.0], maxlen=10) for name in select.costs}
-    assert select.best_challenger() is None, "no evidence: the champion stays"
-    select.costs["retrain"] = __import__("collections").deque([10.0, 12.0, 11.0], maxlen=10)
-    assert select.best_challenger() == "retrain"
-    select.costs["retrain"] = __import__("collections").deque([10.0, 190.0, 11.0], maxlen=10)
-    assert select.best_challenger() is None, "one cheap batch in three is noise"
+def test_champion_changes_only_on_evidence():
+    """champion keeps serving its champion until one candidate is far cheaper batch after batch."""
+    cfg = shp.bench_config(shp.Config(**{**SMALL, "n_batches": 12}, label_delay=1, champion_window=10, champion_z=2.0))
+    champion = shp.Champion(cfg)
+    champion.costs = {name: collections.deque([100.0, 101.0, 99.0], maxlen=10) for name in champion.costs}
+    assert champion.best_challenger() is None, "no evidence: the champion stays"
+    champion.costs["retrain"] = collections.deque([10.0, 12.0, 11.0], maxlen=10)
+    assert champion.best_challenger() == "retrain"
+    champion.costs["retrain"] = collections.deque([10.0, 190.0, 11.0], maxlen=10)
+    assert champion.best_challenger() is None, "one cheap batch in three is noise"
+
+
+def test_fixed_share_weights_match_a_hand_computed_case():
+    """Two experts over four rounds: alpha = 1/4, C = 2 ln 8 + 4 ln(4/3). Round 1 follows the leader (no gap
+    yet); round 2 is exponential weights at eta = C / Delta_1; each round ends with a share alpha spread evenly."""
+    experts = shp.FixedShare(2, 4)
+    c = 2 * math.log(8) + 4 * math.log(4 / 3)
+    assert experts.share == 0.25 and experts.budget == pytest.approx(c) and experts.learning_rate == math.inf
+    experts.update(np.array([0.0, 1.0]))
+    assert experts.gap == pytest.approx(0.5)  # expected loss 1/2, mix loss 0 (the leader's)
+    assert experts.weights == pytest.approx([0.75 + 0.125, 0.125])
+    eta = c / 0.5
+    experts.update(np.array([1.0, 0.0]))
+    kept = np.array([0.875 * math.exp(-eta), 0.125])
+    assert experts.gap == pytest.approx(0.5 + 0.875 + math.log(kept.sum()) / eta)
+    assert experts.weights == pytest.approx(0.75 * kept / kept.sum() + 0.125)
+    assert experts.learning_rate == pytest.approx(c / experts.gap)
+
+
+def _forecast(costs: np.ndarray, delay: int) -> tuple[float, "shp.LateExperts"]:
+    """LateExperts on a cost sequence (rounds x experts), each round's costs seen `delay` rounds late:
+    the forecaster's expected total cost, and the forecaster."""
+    experts, total = shp.LateExperts(costs.shape[1], len(costs), delay), 0.0
+    for t, row in enumerate(costs):
+        total += float(experts.weights(t) @ row)
+        if t >= delay:
+            experts.learn(t - delay, costs[t - delay])
+    for t in range(max(0, len(costs) - delay), len(costs)):
+        experts.learn(t, costs[t])
+    return total, experts
+
+
+def _adversarial_sequences():
+    rng = np.random.RandomState(5)
+    flip = np.array([[0.5, 0.0]] + [[0.0, 1.0], [1.0, 0.0]] * 100)  # fools follow-the-leader every round
+    switch = np.vstack([np.tile([0.0, 1.0, 0.7], (100, 1)), np.tile([1.0, 0.0, 0.7], (100, 1))])
+    noisy_switch = np.clip(switch + rng.normal(0, 0.4, switch.shape), 0, None) * 80_000
+    return {"flip": flip, "switch": switch, "noisy switch": noisy_switch, "uniform": rng.rand(300, 9) * 500_000,
+            "one good expert": np.tile(np.where(np.arange(9) == 4, 0.45, 0.5), (250, 1))}
+
+
+@pytest.mark.parametrize("delay", [0, 1, 3])
+@pytest.mark.parametrize("name", list(_adversarial_sequences()))
+def test_the_regret_bound_holds_on_adversarial_costs_with_late_feedback(name, delay):
+    """Against the best single expert and the best sequence with one switch, the expected cost exceeds
+    theirs by no more than the bound from the gaps seen, which is within the worst case for that T and K."""
+    costs = _adversarial_sequences()[name]
+    total, experts = _forecast(costs, delay)
+    best_single = costs.sum(axis=0).min()
+    best_switching = shp.best_sequence_cost(costs, 1) * len(costs)
+    assert best_switching <= best_single
+    assert total - best_single <= experts.regret_bound(0) + 1e-9
+    assert total - best_switching <= experts.regret_bound(1) + 1e-9
+    assert experts.regret_bound(1) <= experts.worst_case_bound() + 1e-9
+    if name == "switch":  # the best expert changes: the bound is not vacuous, and select beats the best single one
+        assert total < best_single and experts.regret_bound(1) < 0.5 * best_single
+
+
+def test_best_sequence_cost_is_the_cheapest_path_with_that_many_switches():
+    costs = np.array([[1.0, 5.0], [1.0, 5.0], [9.0, 0.0], [9.0, 0.0], [1.0, 5.0]])
+    assert shp.best_sequence_cost(costs, 0) == pytest.approx(min(21, 15) / 5)
+    assert shp.best_sequence_cost(costs, 1) == pytest.approx(min(2 + 0 + 0 + 5, 1 + 1 + 9 + 9 + 1) / 5)
+    assert shp.best_sequence_cost(costs, 2) == pytest.approx((1 + 1 + 0 + 0 + 1) / 5)
+
+
+def test_fixed_share_tracks_a_switch_within_the_rounds_the_theory_says():
+    """After the better expert changes, its weight starts at least alpha / K and gains e^eta on the old one
+    per round of unit lead: it leads within ln(K / alpha) / eta rounds, eta the rate at that time. Without
+    the share (alpha = 0), exponential weights need about as many rounds as the old expert led."""
+    costs = np.vstack([np.tile([0.0, 1.0, 1.0], (100, 1)), np.tile([1.0, 0.0, 1.0], (100, 1))])
+
+    def rounds_to_lead(share=None):
+        experts = shp.FixedShare(3, len(costs))
+        if share is not None:
+            experts.share = share
+        for row in costs[:100]:
+            experts.update(row)
+        said = math.log(3 / experts.share) / experts.learning_rate if experts.share else math.inf
+        for n, row in enumerate(costs[100:], start=1):
+            experts.update(row)
+            if experts.weights.argmax() == 1:
+                return n, said
+        return math.inf, said
+    rounds, said = rounds_to_lead()
+    assert rounds <= math.ceil(said) + 1 and rounds < 20
+    assert rounds_to_lead(share=0.0)[0] > 50
 
 
 def test_calibration_recovers_a_known_temperature_and_bias():
@@ -358,21 +447,23 @@ def test_row_only_ceiling_matches_monte_carlo_of_the_pooled_law(scenario):
     assert shp.row_only_ceiling(single, cfg).cost == pytest.approx(shp.bayes_ceiling(single, cfg).cost, rel=1e-6)
 
 
-def test_select_reads_the_runs_of_the_candidates_it_names_and_nothing_runs_twice(small_trained, monkeypatch):
-    """Select's challengers are the methods it names, each a bench method, none of them select itself.
-    A cell runs each method once on its stream, and select's heal once more, with late labels."""
-    assert set(shp.Select.CANDIDATES) <= set(shp.HEAL_METHODS) - {"select"}
-    assert "calibrated" in shp.Select.CANDIDATES, "its first champion"
+def test_selectors_read_the_runs_of_the_candidates_named_and_nothing_runs_twice(small_trained, monkeypatch):
+    """The candidates are bench methods, no selector among them. A cell runs each method once on its
+    stream, and the selectors' heal once more, with late labels."""
+    assert set(shp.CANDIDATES) <= set(shp.HEAL_METHODS) - set(shp.SELECTORS)
+    assert "calibrated" in shp.CANDIDATES, "champion's first champion"
     cfg = shp.bench_config(shp.Config(**SMALL))
     real_make, made = shp.make_method, []
     monkeypatch.setattr(shp, "make_method", lambda name, trained, c: made.append((name, c)) or real_make(name, trained, c))
     batches = list(shp.scenario_batches("offset", cfg, small_trained))
     runs = shp.stream_runs(batches, shp.HEAL_METHODS, small_trained, cfg)
     assert list(runs) == list(shp.HEAL_METHODS)
-    assert sorted(name for name, _ in made) == sorted([*set(shp.HEAL_METHODS) - {"select"}, "heal"])
+    assert sorted(name for name, _ in made) == sorted([*set(shp.HEAL_METHODS) - set(shp.SELECTORS), "heal"])
     assert len({(name, c) for name, c in made}) == len(made), "no method runs twice with the same settings"
     assert {c.supervision for name, c in made if name == "heal"} == {"labels", "delayed"}
-    assert runs["select"].proba[0] is runs["calibrated"].proba[0], "it serves its first champion's own answers"
+    assert runs["champion"].proba[0] is runs["calibrated"].proba[0], "it serves its first champion's own answers"
+    answers = np.stack([runs[name].proba[0] for name in shp.CANDIDATES if name != "heal"])
+    assert np.all(np.any(answers == runs["select"].proba[0], axis=0)), "each row answered by a candidate"
 
 
 def test_the_readme_prints_the_bench_table_of_the_committed_bench_csv():
