@@ -316,7 +316,8 @@ def test_selectors_read_each_label_only_once_it_has_arrived(selector, small_trai
 
 def test_champion_changes_only_on_evidence():
     """champion keeps serving its champion until one candidate is far cheaper batch after batch."""
-    cfg = shp.bench_config(shp.Config(**{**SMALL, "n_batches": 12}, label_delay=1, champion_window=10, champion_z=2.0))
+    cfg = shp.bench_config(shp.Config(**{**SMALL, "n_batches": 12}, label_delay=1, champion_window=10,
+                                      champion_z=2.0))
     champion = shp.Champion(cfg)
     champion.costs = {name: collections.deque([100.0, 101.0, 99.0], maxlen=10) for name in champion.costs}
     assert champion.best_challenger() is None, "no evidence: the champion stays"
@@ -468,14 +469,51 @@ def test_selectors_read_the_runs_of_the_candidates_named_and_nothing_runs_twice(
 
 def test_the_readme_prints_the_bench_table_of_the_committed_bench_csv():
     """The README's 25-batch table is what --bench printed: its report, made again from the rows it wrote."""
-    import csv
-    import dataclasses
-    import math
     from conftest import SCRIPT
-    types = {f.name: {"str": str, "int": int, "float": float}[f.type] for f in dataclasses.fields(shp.BenchRow)}
-    with open(SCRIPT.parent / "monitoring_export" / "bench.csv", encoding="utf-8") as f:
-        rows = [shp.BenchRow(**{k: math.nan if v == "" else types[k](v) for k, v in row.items()})
-                for row in csv.DictReader(f)]
+    rows = [row for _, row in _bench_rows(SCRIPT.parent / "monitoring_export" / "bench.csv")]
     assert len(rows) == len(shp.SCENARIOS) * len(shp.HEAL_METHODS) * shp.BENCH_SEEDS
     printed = "\n".join(shp.bench_report(rows, shp.Config())[1:])
     assert f"```\n{printed}\n```" in (SCRIPT.parent / "README.md").read_text(encoding="utf-8")
+
+
+def _bench_rows(path, extra=()):
+    """The BenchRows of a bench CSV, each after the values of its `extra` leading columns."""
+    import csv
+    import dataclasses
+    types = {f.name: {"str": str, "int": int, "float": float}[f.type] for f in dataclasses.fields(shp.BenchRow)}
+    with open(path, encoding="utf-8") as f:
+        return [(tuple(float(row.pop(name)) for name in extra),
+                 shp.BenchRow(**{k: math.nan if v == "" else types[k](v) for k, v in row.items()}))
+                for row in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("n_batches", [25, 200])
+def test_the_readme_prints_the_drift_strength_sweeps_of_the_committed_csvs(n_batches):
+    """The README's sweep tables are what --bench --drift-strengths printed, made again from the rows it wrote."""
+    from conftest import SCRIPT
+    cfg = shp.Config(n_batches=n_batches)
+    runs = {}
+    for (strength,), row in _bench_rows(SCRIPT.parent / "monitoring_export" / shp.strengths_csv_name(cfg),
+                                        ["drift_strength"]):
+        runs.setdefault(strength, []).append(row)
+    assert len(runs) >= 3 and cfg.drift_strength in runs
+    assert all(len(rows) == len(shp.SCENARIOS) * len(shp.HEAL_METHODS) * shp.BENCH_SEEDS for rows in runs.values())
+    printed = "\n".join(shp.strength_sweep_report(runs, cfg)[1:])
+    assert f"```\n{printed}\n```" in (SCRIPT.parent / "README.md").read_text(encoding="utf-8")
+
+
+def test_drift_strengths_run_the_whole_bench_at_each_strength(tmp_path, capsys):
+    """One bench per strength, its rows written after their strength; the table has a row per scenario
+    and strength, and a stronger drift costs the unadapted model more."""
+    code = shp.main(["--bench", "--seeds", "1", "--n-batches", "4", "--drift-strengths", "1,3", "--no-plots",
+                     "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    rows = _bench_rows(tmp_path / "monitoring_export" / "bench_strengths_4_batches.csv", ["drift_strength"])
+    assert sorted({s for (s,), _ in rows}) == [1.0, 3.0]
+    assert len(rows) == 2 * len(shp.SCENARIOS) * len(shp.HEAL_METHODS)
+    none = {s: r.cost for (s,), r in rows if r.scenario == "offset" and r.method == "none"}
+    assert none[3.0] > none[1.0]
+    table = [line.split()[:2] for line in printed.splitlines() if line.split()[:1] and line.split()[0] in shp.SCENARIOS]
+    assert table == [[s, strength] for s in shp.SCENARIOS for strength in ("1", "3")]
+    assert not (tmp_path / "plots").exists()

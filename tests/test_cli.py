@@ -22,6 +22,9 @@ BAD_FLAGS = [
     ["--heal-worker", "thread", "--heal-timeout", "1e10"], ["--heal-timeout", "5"], ["--async-apply"],
     ["--heal-timeout", "1e308"], ["--drift-strength", "1e308"], ["--fn-cost", "1e308"],
     ["--n-train", "1000000000"], ["--hidden-dim", "60000"], ["--fidi-window", "1e21"],
+    ["--drift-strengths", "1.5,3"], ["--bench", "--drift-strengths", "1.5,x"], ["--bench", "--drift-strengths", "25"],
+    ["--bench", "--drift-strengths", "1.5,,3"], ["--bench", "--drift-strengths", "nan"],
+    ["--bench", "--shard", "0/2", "--drift-strengths", "2"], ["--select-z", "1"],
 ]
 BAD_THRESHOLD_FILES = {
     "not_json.json": "{rollback_f1_drop: 0.1",

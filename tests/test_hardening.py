@@ -311,7 +311,8 @@ def test_shards_starting_together_both_make_the_out_folder(tmp_path, monkeypatch
 # Third round: no silent wrong result, no unstoppable run, no lock that shuts others out
 
 RUN_ONLY = {"keep_best", "keep_last", "images", "out", "no_plots", "quiet", "article_table", "seeds", "bench",
-            "shard", "merge", "export_torchserve"}  # reviewed: none of them can change a number of a bench cell
+            "shard", "merge", "drift_strengths",
+            "export_torchserve"}  # reviewed: none of them can change a number of a bench cell
 
 
 def test_every_flag_that_can_change_a_bench_cell_is_in_its_fingerprint():
