@@ -2449,15 +2449,16 @@ class Select:
     def serve(self, runs: dict[str, Served], labels: list) -> Served:
         """What select serves, given each candidate's run and each batch's labels (read only once they
         have arrived)."""
-        names, leader, labelled = list(CANDIDATES), None, LateArrivals(self.cfg.label_delay)
-        served = Served(candidate_costs=np.zeros((len(labels), len(names))))
+        names, labelled = list(CANDIDATES), LateArrivals(self.cfg.label_delay)
+        served, leaders = Served(candidate_costs=np.zeros((len(labels), len(names)))), {}
         for t, y in enumerate(labels):
             weights, rows = self.experts.weights(t), np.arange(len(runs[names[0]].proba[t]))
             drawn = self.draws.choice(len(names), size=len(rows), p=weights)
             served.proba.append(np.stack([runs[name].proba[t] for name in names])[drawn, rows])
             served.thresholds.append(np.array([runs[name].thresholds[t] for name in names])[drawn])
-            served.adaptations += leader is not None and names[int(weights.argmax())] != leader
-            leader = names[int(weights.argmax())]
+            turn, leader = t % len(self.experts.forecasters), int(weights.argmax())
+            served.adaptations += leaders.setdefault(turn, leader) != leader  # its forecaster's favourite changed
+            leaders[turn] = leader
             arrived = labelled.push((t, y))
             if arrived is not None:
                 self.learn(served, runs, *arrived)
@@ -4614,8 +4615,8 @@ def strengths_csv_name(cfg: MeasurementConfig) -> str:
 def write_strengths_csv(runs: dict, directory: Path, cfg: MeasurementConfig) -> Path:
     """Every bench row of a --drift-strengths run, after the strength it ran at."""
     columns = ["drift_strength", *(f.name for f in dataclasses.fields(BenchRow))]
-    return write_csv(directory / strengths_csv_name(cfg), columns, [{"drift_strength": strength, **dataclasses.asdict(r)}
-                                                                  for strength, rows in runs.items() for r in rows])
+    rows = [{"drift_strength": strength, **dataclasses.asdict(r)} for strength, rows in runs.items() for r in rows]
+    return write_csv(directory / strengths_csv_name(cfg), columns, rows)
 
 
 def write_images_csv(rows: list[ImageRow], directory: Path) -> Path:
@@ -4936,10 +4937,12 @@ def strengths(text: str) -> list[float]:
     return list(dict.fromkeys(values))
 
 
+STRENGTH_RULE = ArticleConfig.__dataclass_fields__["drift_strength"].metadata["rule"]
+
+
 def is_strength_list(text: str) -> bool:
-    """--drift-strengths' rule: none, or drift strengths that --drift-strength would take."""
-    values = strengths(text)
-    return text == "" or (bool(values) and all(math.isfinite(v) and -20 <= v <= 20 for v in values))
+    """--drift-strengths' rule: none, or numbers that --drift-strength takes."""
+    return text == "" or bool(strengths(text)) and all(follows(STRENGTH_RULE, v) for v in strengths(text))
 
 
 def is_shard(text: str) -> bool:
@@ -4965,7 +4968,7 @@ class Config(ImagesConfig):
                        role="run")
     drift_strengths: str = knob("", "with --bench, run the bench at each of these drift strengths (comma-separated) "
                                 "and print select against the best single method at each",
-                                (is_strength_list, "numbers in [-20, 20], comma-separated"), role="run")
+                                (is_strength_list, f"numbers {rule_words(STRENGTH_RULE)}, comma-separated"), role="run")
     export_torchserve: str = knob("", "train as the article's run does, write a TorchServe archive of the model to "
                                   "this .mar file and stop (the handler is this script; see the README)",
                                   (is_archive_name, "a path ending in .mar"), role="run")
