@@ -503,8 +503,9 @@ def test_the_readme_prints_the_drift_strength_sweeps_of_the_committed_csvs(n_bat
 
 
 def test_drift_strengths_run_the_whole_bench_at_each_strength(tmp_path, capsys):
-    """One bench per strength, its rows written after their strength; the table has a row per scenario
-    and strength, and a stronger drift costs the unadapted model more."""
+    """One bench per strength, its rows written after their strength, the same as a plain bench's at that
+    strength; the table has a row per scenario and strength, and a stronger drift costs the unadapted
+    model more."""
     code = shp.main(["--bench", "--seeds", "1", "--n-batches", "4", "--drift-strengths", "1,3", "--no-plots",
                      "--out", str(tmp_path)])
     printed = capsys.readouterr().out
@@ -517,3 +518,9 @@ def test_drift_strengths_run_the_whole_bench_at_each_strength(tmp_path, capsys):
     table = [line.split()[:2] for line in printed.splitlines() if line.split()[:1] and line.split()[0] in shp.SCENARIOS]
     assert table == [[s, strength] for s in shp.SCENARIOS for strength in ("1", "3")]
     assert not (tmp_path / "plots").exists()
+    plain = tmp_path / "plain"  # the rows of one strength are, byte for byte, a plain bench's at that strength
+    assert shp.main(["--bench", "--seeds", "1", "--n-batches", "4", "--drift-strength", "3", "--no-plots",
+                     "--out", str(plain)]) == 0
+    swept = (tmp_path / "monitoring_export" / "bench_strengths_4_batches.csv").read_text().splitlines()
+    assert [line.split(",", 1)[1] for line in swept if line.startswith("3.000000,")] == \
+        (plain / "monitoring_export" / "bench.csv").read_text().splitlines()[1:]
