@@ -2314,12 +2314,12 @@ class Served:
     """What a method served on one stream: on each batch its probabilities and the threshold above which
     it flagged fraud (one per row where select drew each row's answer from another candidate); and on how
     many batches it changed what it serves. A selector also keeps every candidate's cost on every batch
-    (batches x candidates) and, for select, what its guarantee allows on this stream (regret_bounds)."""
+    (batches x candidates) and, for select, what its guarantee allows on this stream."""
     proba: list = field(default_factory=list)
     thresholds: list = field(default_factory=list)
     adaptations: int = 0
     candidate_costs: Optional[np.ndarray] = None
-    regret_bounds: tuple = (math.nan, math.nan)  # (from this stream's mixability gaps, worst case), per batch
+    guarantee: dict = field(default_factory=dict)  # select's: BenchRow's fixed_share_cost and bounds
 
 
 def serve_stream(method: StreamMethod, batches: list) -> Served:
@@ -2426,84 +2426,72 @@ class LateExperts:
         return sum(f.worst_case_bound() for f in self.forecasters)
 
 
-class Select:
-    """The self-healer that picks the fix: prediction with expert advice over the CANDIDATES.
+class Selector:
+    """What select and champion share. The CANDIDATES run in shadow on every batch, and each row of a
+    batch is answered by a candidate drawn by the selector's weights for that batch (champion's put all
+    their weight on one). Labels arrive --label-delay batches late; then each candidate's own decisions
+    on that batch, at its own threshold, are priced, and the selector learns from every candidate's cost:
+    the full-information setting of prediction with expert advice.
 
-    Every candidate runs in shadow on every batch; labels arrive --label-delay batches late, and then
-    each candidate's own decisions on that batch, at its own threshold, are priced: every candidate's
-    cost is seen, the full-information setting. LateExperts weigh them (fixed share, AdaHedge's learning
-    rate), and each row of a batch is answered by one candidate drawn by the weights, so that select's
-    expected cost on the batch is the weighted mean of theirs. The guarantee: against the best candidate,
-    or the best sequence of candidates with one switch, select's expected cost over T batches exceeds
-    theirs by at most sum_j S sqrt(T_j (C_j + 4)) (T_j ~ T / (d + 1), d the label delay, S the largest
-    spread of the candidates' costs on a batch), and by at most 2 sum_j Delta_j on the gaps the stream
-    produced (FixedShare). Nothing here was tuned on the bench.
-
-    What a candidate learns from is the stream (labels or inputs), never what select serves, so select
-    is read off its candidates' own runs on the same stream (serve): nothing runs twice."""
+    What a candidate learns from is the stream (labels or inputs), never what a selector serves, so a
+    selector is read off its candidates' own runs on the same stream (serve): nothing runs twice."""
+    turns = 1  # forecasters taking the batches in turn (what a change of favourite is counted within)
 
     def __init__(self, cfg: MeasurementConfig):
-        self.cfg, self.experts = cfg, LateExperts(len(CANDIDATES), cfg.n_batches, cfg.label_delay)
-        self.draws = np.random.RandomState(cfg.seed)
+        self.cfg, self.draws = cfg, np.random.RandomState(cfg.seed)
 
     def serve(self, runs: dict[str, Served], labels: list) -> Served:
-        """What select serves, given each candidate's run and each batch's labels (read only once they
-        have arrived)."""
+        """What the selector serves, given each candidate's run and each batch's labels (read only once
+        they have arrived)."""
         names, labelled = list(CANDIDATES), LateArrivals(self.cfg.label_delay)
-        served, leaders = Served(candidate_costs=np.zeros((len(labels), len(names)))), {}
+        served, favourites = Served(candidate_costs=np.zeros((len(labels), len(names)))), {}
         for t, y in enumerate(labels):
-            weights, rows = self.experts.weights(t), np.arange(len(runs[names[0]].proba[t]))
+            weights, rows = self.weights(t), np.arange(len(runs[names[0]].proba[t]))
             drawn = self.draws.choice(len(names), size=len(rows), p=weights)
             served.proba.append(np.stack([runs[name].proba[t] for name in names])[drawn, rows])
             served.thresholds.append(np.array([runs[name].thresholds[t] for name in names])[drawn])
-            turn, leader = t % len(self.experts.forecasters), int(weights.argmax())
-            served.adaptations += leaders.setdefault(turn, leader) != leader  # its forecaster's favourite changed
-            leaders[turn] = leader
+            turn, favourite = t % self.turns, int(weights.argmax())
+            served.adaptations += favourites.setdefault(turn, favourite) != favourite
+            favourites[turn] = favourite
             arrived = labelled.push((t, y))
             if arrived is not None:
-                self.learn(served, runs, *arrived)
-        for arrived in labelled.pending:  # after the stream: what the guarantee is measured on, not served
-            self.learn(served, runs, *arrived)
-        served.regret_bounds = (self.experts.regret_bound() / len(labels),
-                                self.experts.worst_case_bound() / len(labels))
-        return served
-
-    def learn(self, served: Served, runs: dict, t: int, y: np.ndarray) -> None:
-        served.candidate_costs[t] = candidate_costs(runs, t, y, self.cfg)
-        self.experts.learn(t, served.candidate_costs[t])
-
-
-class Champion:
-    """champion: select's rule before it had a guarantee, kept to measure what the guarantee costs.
-    The CANDIDATES run in shadow and the champion's answers are served, `calibrated` first. As labels
-    arrive, each candidate's decisions are priced; a challenger takes over when, over the last
-    --champion-window labelled batches (by default all of them), it cost less than the champion by more
-    than --champion-z standard errors of the paired difference. The window and the margin were chosen on
-    seeds 0-4 at the default drift strength; the rule has no guarantee."""
-
-    def __init__(self, cfg: MeasurementConfig):
-        self.cfg, self.champion = cfg, "calibrated"
-        self.costs = {name: deque(maxlen=cfg.champion_window) for name in CANDIDATES}
-
-    def serve(self, runs: dict[str, Served], labels: list) -> Served:
-        served = Served(candidate_costs=np.zeros((len(labels), len(CANDIDATES))))
-        labelled = LateArrivals(self.cfg.label_delay)
-        for t, y in enumerate(labels):
-            served.proba.append(runs[self.champion].proba[t])
-            served.thresholds.append(runs[self.champion].thresholds[t])
-            arrived = labelled.push((t, y))
-            if arrived is None:
-                continue
-            served.candidate_costs[arrived[0]] = candidate_costs(runs, *arrived, self.cfg)
-            for name, cost in zip(CANDIDATES, served.candidate_costs[arrived[0]]):
-                self.costs[name].append(cost)
-            challenger = self.best_challenger()
-            if challenger is not None:
-                self.champion = challenger
-                served.adaptations += 1
+                served.candidate_costs[arrived[0]] = candidate_costs(runs, *arrived, self.cfg)
+                self.learn(arrived[0], served.candidate_costs[arrived[0]])
         for t, y in labelled.pending:  # after the stream: for the regret in hindsight, not served
             served.candidate_costs[t] = candidate_costs(runs, t, y, self.cfg)
+            self.learn(t, served.candidate_costs[t])
+        served.guarantee = self.guarantee(len(labels))
         return served
+
+    def weights(self, t: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def learn(self, t: int, costs: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def guarantee(self, n_batches: int) -> dict:
+        return {}
+
+
+class Champion(Selector):
+    """champion: select's rule before it had a guarantee. The champion's answers are served, `calibrated`
+    first; a challenger takes over when, over the last --champion-window labelled batches (by default all
+    of them), it cost less than the champion by more than --champion-z standard errors of the paired
+    difference. The window and the margin were chosen on seeds 0-4 at the default drift strength; the
+    rule has no guarantee."""
+
+    def __init__(self, cfg: MeasurementConfig):
+        super().__init__(cfg)
+        self.champion = "calibrated"
+        self.costs = {name: deque(maxlen=cfg.champion_window) for name in CANDIDATES}
+
+    def weights(self, t: int) -> np.ndarray:
+        return np.array([float(name == self.champion) for name in CANDIDATES])
+
+    def learn(self, t: int, costs: np.ndarray) -> None:
+        for name, cost in zip(CANDIDATES, costs):
+            self.costs[name].append(cost)
+        self.champion = self.best_challenger() or self.champion
 
     def best_challenger(self) -> Optional[str]:
         """The challenger most surely cheaper than the champion, if one is by more than champion_z."""
@@ -2518,6 +2506,49 @@ class Champion:
             if name != self.champion and z > best_z:
                 best, best_z = name, z
         return best
+
+
+class Select(Selector):
+    """The self-healer that picks the fix, with a guarantee: prediction with expert advice at two levels.
+
+    Below, LateExperts weigh the CANDIDATES (fixed share, AdaHedge's learning rate). Above, LateExperts
+    weigh two ways of serving: champion's pick, and a candidate drawn by those weights; each row is then
+    answered by a candidate drawn by the combined weights. Hedging between a tuned rule and a forecaster
+    with a guarantee is FlipFlop's idea (de Rooij et al. 2014: follow the leader if you can, hedge if you
+    must): select costs about what the better of the two costs on the stream, and loses the guarantee of
+    neither. Nothing here was tuned on the bench (champion's rule was chosen on seeds 0-4).
+
+    The guarantee, in expected cost over T batches: against the best candidate, or the best sequence of
+    candidates with one switch, select's regret is at most the upper level's against the lower plus the
+    lower's against them: at most 2 sum_j Delta_j over the forecasters of both levels (FixedShare), which
+    for any costs is at most the sum of their S sqrt(T_j (C_j + 4)), T_j ~ T / (d + 1), d the label delay,
+    S the largest spread of costs on a batch. Against champion, the upper level's part alone."""
+
+    def __init__(self, cfg: MeasurementConfig):
+        super().__init__(cfg)
+        self.candidates = LateExperts(len(CANDIDATES), cfg.n_batches, cfg.label_delay)
+        self.ways = LateExperts(2, cfg.n_batches, cfg.label_delay)  # champion's pick, or the candidates' weights
+        self.rule, self.picks, self.mixture = Champion(cfg), {}, []  # champion's pick on each batch
+        self.turns = cfg.label_delay + 1
+
+    def weights(self, t: int) -> np.ndarray:
+        self.picks[t] = self.rule.weights(t)
+        by_rule, by_weights = self.ways.weights(t)
+        return by_rule * self.picks[t] + by_weights * self.candidates.weights(t)
+
+    def learn(self, t: int, costs: np.ndarray) -> None:
+        below = float(self.candidates.weights(t) @ costs)  # its weights are still batch t's until it learns
+        self.mixture.append(below)
+        self.ways.learn(t, np.array([float(self.picks[t] @ costs), below]))
+        self.candidates.learn(t, costs)
+        self.rule.learn(t, costs)
+
+    def guarantee(self, n_batches: int) -> dict:
+        """Per batch: the lower level's expected cost, and the bounds on select's regret to the best
+        candidate or one-switch sequence, from this stream's gaps and for any costs as spread."""
+        return dict(fixed_share_cost=float(np.mean(self.mixture)),
+                    regret_bound=(self.ways.regret_bound(0) + self.candidates.regret_bound(1)) / n_batches,
+                    worst_case_bound=(self.ways.worst_case_bound() + self.candidates.worst_case_bound()) / n_batches)
 
 
 def best_sequence_cost(costs: np.ndarray, switches: int) -> float:
@@ -2570,6 +2601,7 @@ class BenchRow:
     # guarantee allows its expected cost to exceed them by, on this stream's gaps and in the worst case
     best_single_cost: float = math.nan
     best_switching_cost: float = math.nan
+    fixed_share_cost: float = math.nan  # select's lower level alone (expected)
     regret_bound: float = math.nan
     worst_case_bound: float = math.nan
 
@@ -2632,8 +2664,7 @@ def regret_figures(run: Served) -> dict:
     if run.candidate_costs is None:
         return {}
     return dict(best_single_cost=float(run.candidate_costs.mean(axis=0).min()),
-                best_switching_cost=best_sequence_cost(run.candidate_costs, 1),
-                regret_bound=run.regret_bounds[0], worst_case_bound=run.regret_bounds[1])
+                best_switching_cost=best_sequence_cost(run.candidate_costs, 1), **run.guarantee)
 
 
 @dataclass(frozen=True)
@@ -3806,24 +3837,24 @@ def bench_report(rows: list[BenchRow], cfg: MeasurementConfig) -> list[str]:
 
 def regret_report(rows: list[BenchRow]) -> list[str]:
     """Per scenario, select's regret to the best single candidate and to the best one-switch sequence, in
-    hindsight, beside what its guarantee allows, and champion's regret: means over the seeds."""
+    hindsight, beside what its guarantee allows; then its lower level's and champion's: means over the seeds."""
     def mean(scenario, method, figure):
-        return float(np.mean([figure(r) for r in rows if r.scenario == scenario and r.method == method]))
-    table = []
-    for scenario in [s for s in SCENARIOS if any(r.scenario == s and r.method == "select" for r in rows)]:
-        table.append([scenario] + [_num(mean(scenario, "select", figure), "+,.0f") for figure in (
-            lambda r: r.cost - r.best_single_cost, lambda r: r.cost - r.best_switching_cost,
-            lambda r: r.regret_bound, lambda r: r.worst_case_bound)]
-            + ([_num(mean(scenario, "champion", lambda r: r.cost - r.best_single_cost), "+,.0f")]
-               if any(r.scenario == scenario and r.method == "champion" for r in rows) else ["-"]))
+        group = [figure(r) for r in rows if r.scenario == scenario and r.method == method]
+        return _num(float(np.mean(group)), "+,.0f") if group else "-"
+    table = [[scenario] + [mean(scenario, "select", figure) for figure in (
+        lambda r: r.cost - r.best_single_cost, lambda r: r.cost - r.best_switching_cost, lambda r: r.regret_bound,
+        lambda r: r.worst_case_bound, lambda r: r.fixed_share_cost - r.best_single_cost)]
+        + [mean(scenario, "champion", lambda r: r.cost - r.best_single_cost)]
+        for scenario in SCENARIOS if any(r.scenario == scenario and r.method == "select" for r in rows)]
     return ["", "select's regret, per 1,000 rows, means over the seeds: its cost minus the best single candidate's "
                 "and minus the best sequence of candidates",
-            "with one switch, both in hindsight on each stream; then what its guarantee allows its expected cost "
-            "to exceed either by,",
-            "from the stream's own mixability gaps and for any losses as spread as the stream's; and champion's "
-            "regret to the best single candidate.",
+            "with one switch, both in hindsight on each stream; what its guarantee allows its expected cost to "
+            "exceed either by, from the stream's",
+            "own mixability gaps and for any costs as spread as the stream's; and the regret to the best single "
+            "candidate of fixed share alone",
+            "(select's lower level, expected cost) and of champion.",
             *text_table(["scenario", "select - best", "- best 1-switch", "bound: this stream", "bound: any stream",
-                         "champion - best"], table, "<>>>>>")]
+                         "fixed share - best", "champion - best"], table, "<>>>>>>")]
 
 
 GOAL_EXCESS, GOAL_STATIONARY = 0.10, 0.01  # of none's gap to the ceiling; of calibrated's cost
@@ -3881,7 +3912,8 @@ def possible(row: BenchRow, n_batches: int) -> bool:
     amounts = (row.cost, row.none_cost, row.bayes_cost, row.adaptations_per_1000)
     delays = (row.fidi_delay, row.adwin_delay, row.ks_delay)
     alarms = (row.fidi_false_alarms, row.adwin_false_alarms, row.ks_false_alarms)
-    regret = (row.best_single_cost, row.best_switching_cost, row.regret_bound, row.worst_case_bound)
+    regret = (row.best_single_cost, row.best_switching_cost, row.fixed_share_cost, row.regret_bound,
+              row.worst_case_bound)
     return (all(math.isnan(v) or 0 <= v <= 1 for v in shares) and all(v >= 0 for v in amounts)
             and all(math.isnan(v) or v >= 0 for v in regret) and (math.isnan(row.kappa) or row.kappa <= 1)
             and all(math.isnan(v) or 0 <= v < n_batches for v in delays)

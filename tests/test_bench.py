@@ -383,6 +383,33 @@ def test_the_regret_bound_holds_on_adversarial_costs_with_late_feedback(name, de
         assert total < best_single and experts.regret_bound(1) < 0.5 * best_single
 
 
+def test_select_stays_within_its_bound_of_the_best_candidate_and_of_champion():
+    """Select's two levels, driven by hand on costs whose best candidate changes midway, with labels three
+    batches late: its expected cost exceeds the best candidate's, and the best one-switch sequence's, by no
+    more than its bound; and champion's by no more than the upper level's part of it."""
+    cfg = shp.bench_config(shp.Config(n_batches=120, label_delay=3))
+    rng, k = np.random.RandomState(8), len(shp.CANDIDATES)
+    costs = rng.rand(120, k) * 60_000 + 40_000
+    costs[:60, 2] -= 30_000
+    costs[60:, 5] -= 30_000
+    select, champion, total, by_champion = shp.Select(cfg), shp.Champion(cfg), 0.0, 0.0
+    for t, row in enumerate(costs):
+        weights = select.weights(t)
+        assert weights.sum() == pytest.approx(1.0) and np.all(weights >= 0)
+        assert np.array_equal(select.picks[t], champion.weights(t)), "the upper level's rule is champion's"
+        total, by_champion = total + weights @ row, by_champion + select.picks[t] @ row
+        if t >= cfg.label_delay:
+            select.learn(t - cfg.label_delay, costs[t - cfg.label_delay])
+            champion.learn(t - cfg.label_delay, costs[t - cfg.label_delay])
+    for t in range(len(costs) - cfg.label_delay, len(costs)):
+        select.learn(t, costs[t])
+    guarantee, n = select.guarantee(len(costs)), len(costs)
+    assert total / n - costs.mean(axis=0).min() <= guarantee["regret_bound"]
+    assert total / n - shp.best_sequence_cost(costs, 1) <= guarantee["regret_bound"] <= guarantee["worst_case_bound"]
+    assert total - by_champion <= select.ways.regret_bound(0)
+    assert total / n < costs.mean(axis=0).min(), "the best candidate changes: select follows it"
+
+
 def test_best_sequence_cost_is_the_cheapest_path_with_that_many_switches():
     costs = np.array([[1.0, 5.0], [1.0, 5.0], [9.0, 0.0], [9.0, 0.0], [1.0, 5.0]])
     assert shp.best_sequence_cost(costs, 0) == pytest.approx(min(21, 15) / 5)
@@ -462,7 +489,7 @@ def test_selectors_read_the_runs_of_the_candidates_named_and_nothing_runs_twice(
     assert sorted(name for name, _ in made) == sorted([*set(shp.HEAL_METHODS) - set(shp.SELECTORS), "heal"])
     assert len({(name, c) for name, c in made}) == len(made), "no method runs twice with the same settings"
     assert {c.supervision for name, c in made if name == "heal"} == {"labels", "delayed"}
-    assert runs["champion"].proba[0] is runs["calibrated"].proba[0], "it serves its first champion's own answers"
+    assert np.array_equal(runs["champion"].proba[0], runs["calibrated"].proba[0]), "its first champion's answers"
     answers = np.stack([runs[name].proba[0] for name in shp.CANDIDATES if name != "heal"])
     assert np.all(np.any(answers == runs["select"].proba[0], axis=0)), "each row answered by a candidate"
 
