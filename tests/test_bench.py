@@ -514,18 +514,33 @@ def _bench_rows(path, extra=()):
                 for row in csv.DictReader(f)]
 
 
-@pytest.mark.parametrize("n_batches", [25, 200])
-def test_the_readme_prints_the_drift_strength_sweeps_of_the_committed_csvs(n_batches):
-    """The README's sweep tables are what --bench --drift-strengths printed, made again from the rows it wrote."""
+def _committed_sweep(cfg):
+    """Drift strength -> the BenchRows the committed sweep of cfg.n_batches batches wrote at it."""
     from conftest import SCRIPT
-    cfg = shp.Config(n_batches=n_batches)
     runs = {}
     for (strength,), row in _bench_rows(SCRIPT.parent / "monitoring_export" / shp.strengths_csv_name(cfg),
                                         ["drift_strength"]):
         runs.setdefault(strength, []).append(row)
     assert len(runs) >= 3 and cfg.drift_strength in runs
     assert all(len(rows) == len(shp.SCENARIOS) * len(shp.HEAL_METHODS) * shp.BENCH_SEEDS for rows in runs.values())
-    printed = "\n".join(shp.strength_sweep_report(runs, cfg)[1:])
+    return runs
+
+
+@pytest.mark.parametrize("n_batches", [25, 200])
+def test_the_readme_prints_the_drift_strength_sweeps_of_the_committed_csvs(n_batches):
+    """The README's sweep tables are what --bench --drift-strengths printed, made again from the rows it wrote."""
+    from conftest import SCRIPT
+    cfg = shp.Config(n_batches=n_batches)
+    printed = "\n".join(shp.strength_sweep_report(_committed_sweep(cfg), cfg)[1:])
+    assert f"```\n{printed}\n```" in (SCRIPT.parent / "README.md").read_text(encoding="utf-8")
+
+
+def test_the_readmes_200_batch_bench_table_is_the_200_batch_sweep_at_the_default_strength():
+    """The README's 200-batch bench table (select's section) is the bench report of the sweep's rows at the
+    default drift strength: the same rows a plain --bench --n-batches 200 writes."""
+    from conftest import SCRIPT
+    cfg = shp.Config(n_batches=200)
+    printed = "\n".join(shp.bench_report(_committed_sweep(cfg)[cfg.drift_strength], cfg)[1:])
     assert f"```\n{printed}\n```" in (SCRIPT.parent / "README.md").read_text(encoding="utf-8")
 
 
