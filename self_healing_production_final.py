@@ -3881,18 +3881,16 @@ def strength_sweep_report(runs: dict, cfg: MeasurementConfig) -> list[str]:
                     scenario not in SHIFTING_SCENARIOS or cost["select"] < cost[best]) else "missed"
             else:
                 excess, goal = {m: math.nan for m in SELECTORS}, "-"
-            table.append([scenario, _num(strength, "g"), _num(100 * gap / bayes, "+.1f") + "%", best,
-                          _num(cost[best], ",.0f"), _num(cost["select"], ",.0f"),
-                          _num(100 * excess["select"], "+.0f") + "%" if math.isfinite(excess["select"]) else "-",
-                          _num(100 * excess["champion"], "+.0f") + "%" if math.isfinite(excess["champion"]) else "-",
-                          goal])
+            table.append([scenario, _num(strength, "g"), _num(gap / bayes, "+.1%"), best, _num(cost[best], ",.0f"),
+                          _num(cost["select"], ",.0f"), _num(excess["select"], "+.0%"),
+                          _num(excess["champion"], "+.0%"), goal])
     seeds = sorted({r.seed for rows in runs.values() for r in rows})
     return ["", f"Drift-strength sweep: seeds {seeds[0]}..{seeds[-1]}, {cfg.n_batches} batches of {cfg.batch_size} "
                 f"rows; costs per 1,000 rows, means over the seeds.",
             f"excess: (cost - the best single method's) / (none's cost - the Bayes cost); on stationary, (cost - "
             f"calibrated's) / calibrated's.",
-            f"goal: excess at most {100 * GOAL_EXCESS:.0f}% (on gradual and recurring also below the best single "
-            f"method), {100 * GOAL_STATIONARY:.0f}% on stationary; '-' where none is within "
+            f"goal: excess at most {GOAL_EXCESS:.0%} (on {' and '.join(SHIFTING_SCENARIOS)} also below the best "
+            f"single method), {GOAL_STATIONARY:.0%} on stationary; '-' where none is within "
             f"{100 * MIN_GAP:.0f}% of the Bayes cost.",
             *text_table(["scenario", "strength", "none - Bayes", "best single", "its cost", "select",
                          "select excess", "champion excess", "goal"], table, "<>><>>>><")]
@@ -4974,7 +4972,8 @@ STRENGTH_RULE = ArticleConfig.__dataclass_fields__["drift_strength"].metadata["r
 
 def is_strength_list(text: str) -> bool:
     """--drift-strengths' rule: none, or numbers that --drift-strength takes."""
-    return text == "" or bool(strengths(text)) and all(follows(STRENGTH_RULE, v) for v in strengths(text))
+    values = strengths(text)
+    return text == "" or bool(values) and all(follows(STRENGTH_RULE, v) for v in values)
 
 
 def is_shard(text: str) -> bool:
