@@ -4972,8 +4972,7 @@ STRENGTH_RULE = ArticleConfig.__dataclass_fields__["drift_strength"].metadata["r
 
 def is_strength_list(text: str) -> bool:
     """--drift-strengths' rule: none, or numbers that --drift-strength takes."""
-    values = strengths(text)
-    return text == "" or bool(values) and all(follows(STRENGTH_RULE, v) for v in values)
+    return text == "" or bool(strengths(text)) and all(follows(STRENGTH_RULE, v) for v in strengths(text))
 
 
 def is_shard(text: str) -> bool:
